@@ -1,0 +1,271 @@
+"""Composition root: builds every part of the gateway, runs it, shuts it down.
+
+Startup order:
+  admin server (``/healthz`` answers at once, ``/readyz`` says why not yet)
+  → topics (if ``create_topics``) → Sinch and auth HTTP sessions → token
+  manager → producer → consumer (retried with back-off while Kafka is down)
+  → lanes → intake loop and commit loop.
+
+Shutdown order (SIGTERM/SIGINT only set the stop event):
+  not ready → stop fetching → stop lane workers → let in-flight sends finish
+  (within ``shutdown_timeout_s``) → commit → flush and stop the producer →
+  stop the consumer → close HTTP sessions → stop the HTTP servers.
+Records still queued in lanes are not committed: the next owner sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from contextlib import AsyncExitStack
+
+import aiohttp
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry
+
+from gateway.admin import Health, make_admin_app, start_site
+from gateway.consumer import Intake
+from gateway.dedupe import RecentIds
+from gateway.delivery import Delivery
+from gateway.envelope import Request
+from gateway.lanes import Lane, Lanes
+from gateway.limiter import Bucket
+from gateway.metrics import Metrics
+from gateway.producer import Publisher, ensure_topics
+from gateway.settings import Settings
+from gateway.sinch import SinchClient
+from gateway.tokens import BasicAuth, TokenManager, TokenSource
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """The service. ``await Gateway(settings).run(stop)`` runs until ``stop`` is set."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        settings.require_credentials()
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry, max_app_labels=settings.max_app_labels)
+        self.http_port: int | None = None
+        self.ready = asyncio.Event()
+        self.started = asyncio.Event()
+        self.intake: Intake | None = None
+        self.lanes: Lanes | None = None
+        self.tokens: TokenSource | None = None
+        self._stopping = False
+        self._auth_refused_until = 0.0
+        self._auth_reason = ""
+
+    # -- readiness --------------------------------------------------------
+
+    def _health(self) -> Health:
+        def kafka() -> tuple[bool, str]:
+            intake = self.intake
+            if intake is None or intake.consumer is None:
+                return False, "consumer not started (is Kafka reachable?)"
+            if not intake.connected:
+                return False, "Kafka unreachable"
+            return True, "connected"
+
+        def partitions() -> tuple[bool, str]:
+            intake = self.intake
+            if intake is None:
+                return False, "not started"
+            return True, "assigned" if intake.assigned else "waiting for assignment"
+
+        def token() -> tuple[bool, str]:
+            if self.tokens is None:
+                return False, "not started"
+            if isinstance(self.tokens, BasicAuth):
+                return True, "basic auth"
+            return (True, "valid") if self.tokens.is_valid() else (False, "no valid token")
+
+        def sending() -> tuple[bool, str]:
+            if self._stopping:
+                return False, "shutting down"
+            if time.monotonic() < self._auth_refused_until:
+                return False, f"held: credentials refused ({self._auth_reason})"
+            return True, "sending"
+
+        return Health({"kafka": kafka, "partitions": partitions, "token": token,
+                       "sending": sending})  # fmt: skip
+
+    def _auth_refused(self, reason: str) -> None:
+        if time.monotonic() >= self._auth_refused_until:
+            log.error("Sinch refused the credentials (%s): sending held, retrying", reason)
+        self._auth_refused_until = time.monotonic() + self.settings.backoff_max_s
+        self._auth_reason = reason
+
+    # -- run --------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        clock = loop.time
+        m = self.metrics
+        async with AsyncExitStack() as stack:
+            admin_runner, self.http_port = await start_site(
+                make_admin_app(self.registry, self._health()), s.http_host, s.http_port
+            )
+            stack.push_async_callback(admin_runner.cleanup)
+            log.info("admin server on %s:%d", s.http_host, self.http_port)
+
+            if s.create_topics:
+                await self._retry_kafka(lambda: ensure_topics(s), stop, "create topics")
+                if stop.is_set():
+                    return
+
+            timeout = aiohttp.ClientTimeout(
+                total=s.request_timeout_s, connect=s.connect_timeout_s
+            )
+            connector = aiohttp.TCPConnector(limit=s.max_in_flight, ttl_dns_cache=300)
+            sinch_session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, raise_for_status=False
+            )
+            stack.push_async_callback(sinch_session.close)
+            auth_session = aiohttp.ClientSession(timeout=timeout)
+            stack.push_async_callback(auth_session.close)
+
+            tokens: TokenSource
+            if s.auth_mode == "basic":
+                tokens = BasicAuth(s.key_id, s.key_secret)
+            else:
+                manager = TokenManager(
+                    auth_session, auth_url=s.auth_url, key_id=s.key_id, key_secret=s.key_secret,
+                    refresh_margin_s=s.token_refresh_margin_s, backoff_base_s=s.backoff_base_s,
+                    backoff_max_s=s.backoff_max_s,
+                    on_refresh=lambda result, _exp: m.token_refreshes.labels(result).inc(),
+                )  # fmt: skip
+                stack.push_async_callback(manager.close)
+                m.token_expires_in.set_function(lambda: manager.seconds_left() or -1.0)
+                tokens = manager
+            self.tokens = tokens
+
+            publisher = Publisher(s)
+            await self._retry_kafka(publisher.start, stop, "start producer")
+            if stop.is_set():
+                return
+            stack.push_async_callback(publisher.stop)
+
+            sent_ids = RecentIds(s.dedupe_size, s.dedupe_ttl_s, clock)
+            intake_ref: list[Intake] = []
+
+            def finished(req: Request) -> None:
+                intake_ref[0].finished(req)
+
+            delivery = Delivery(
+                settings=s, sinch=SinchClient(s, sinch_session), tokens=tokens,
+                publisher=publisher, metrics=m, sent_ids=sent_ids, clock=clock,
+                on_finished=finished, on_auth_refused=self._auth_refused,
+            )  # fmt: skip
+            lanes = self._make_lanes(delivery, clock)
+            self.lanes = lanes
+            intake = Intake(
+                settings=s, metrics=m, lanes=lanes, delivery=delivery, publisher=publisher,
+                sent_ids=sent_ids, clock=clock,
+            )  # fmt: skip
+            intake_ref.append(intake)
+            self.intake = intake
+            m.buffered.set_function(lambda: intake.buffered)
+            m.in_flight.set_function(lambda: lanes.in_flight)
+            m.ready.set_function(lambda: 1.0 if all(c()[0] for c in self._health().checks.values())
+                                 else 0.0)  # fmt: skip
+
+            await self._retry_kafka(intake.start, stop, "start consumer")
+            if stop.is_set():
+                return
+            stack.push_async_callback(intake.stop)
+            self.started.set()
+            log.info("gateway started: project %s, region %s", s.project_id, s.region)
+
+            async with asyncio.TaskGroup() as tg:
+                run_task = tg.create_task(intake.run(), name="intake")
+                commit_task = tg.create_task(intake.commit_loop(), name="commits")
+                await stop.wait()
+                # the ordered shutdown of the module docstring
+                self._stopping = True
+                intake.stop_fetching()
+                await run_task
+                await lanes.stop_workers()
+                drained = await lanes.wait_in_flight(s.shutdown_timeout_s)
+                if not drained:
+                    log.warning("in-flight sends did not finish within %.0f s",
+                                s.shutdown_timeout_s)  # fmt: skip
+                await lanes.close()
+                await commit_task
+                await intake.commit()
+            await publisher.flush()
+            log.info("gateway stopped")
+
+    def _make_lanes(self, delivery: Delivery, clock: asyncio.AbstractEventLoop | object) -> Lanes:
+        s = self.settings
+        m = self.metrics
+        loop_clock = asyncio.get_running_loop().time
+
+        def track(bucket: Bucket) -> None:
+            scope, _, name = bucket.name.partition(":")
+            label = m.app_label(name) if scope == "app" else name
+            m.rate_configured.labels(scope, label).set(bucket.rate)
+            m.rate_effective.labels(scope, label).set(bucket.pace)
+            log.info("bucket %s now paces at %.2f/s (configured %.2f/s)",
+                     bucket.name, bucket.pace, bucket.rate)  # fmt: skip
+
+        def bucket(name: str, rate: float, burst: float) -> Bucket:
+            b = Bucket(name, rate, burst=burst, margin=s.rate_margin, clock=loop_clock,
+                       on_change=track)  # fmt: skip
+            scope, _, label = name.partition(":")
+            label = m.app_label(label) if scope == "app" else label
+            m.rate_configured.labels(scope, label).set(b.rate)
+            m.rate_effective.labels(scope, label).set(b.pace)
+            return b
+
+        project = bucket(f"project:{s.project_id}", s.project_rate, s.project_burst)
+        channels = {
+            ch: bucket(f"channel:{ch}", rate, 1.0) for ch, rate in s.channel_rates.items()
+        }
+
+        def expired(req: Request) -> bool:
+            return req.expire_at is not None and req.expire_at <= time.time()
+
+        def on_expired(req: Request) -> None:
+            task = asyncio.ensure_future(delivery.expire(req))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        self._background: set[asyncio.Future[None]] = set()
+
+        async def send(req: Request, lane: Lane) -> None:
+            await delivery.attempt(req, lane)
+
+        return Lanes(
+            project_bucket=project,
+            make_app_bucket=lambda app_id: bucket(
+                f"app:{app_id}", s.app_rate_for(app_id), s.app_burst_for(app_id)
+            ),
+            channel_buckets=channels,
+            max_in_flight=s.max_in_flight,
+            sender=send,
+            clock=loop_clock,
+            on_wait=m.limiter_wait.observe,
+            expired=expired,
+            on_expired=on_expired,
+        )
+
+    async def _retry_kafka(self, start: object, stop: asyncio.Event, what: str) -> None:
+        """Call ``start()`` until it succeeds or ``stop`` is set; back off between tries."""
+        attempt = 0
+        while not stop.is_set():
+            try:
+                await start()  # type: ignore[operator]
+                return
+            except (KafkaError, OSError) as exc:
+                attempt += 1
+                delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)  # noqa: S311
+                log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass

@@ -1,0 +1,214 @@
+"""The send-request envelope and the result record, with their orjson codec.
+
+``decode`` turns the bytes of one Kafka record into a :class:`Request` or raises
+:class:`InvalidMessage` with a short machine-readable reason; nothing here does
+I/O. The payload is Sinch's SendMessageRequest and is passed through unchanged,
+except for the fields the gateway owns (``correlation_id`` when empty,
+``queue`` for high priority, ``ttl`` from ``expire_at``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from gateway.errors import InvalidMessage
+
+REGIONS = frozenset({"us", "eu", "br"})
+MESSAGE_KINDS = frozenset(
+    {
+        "text_message", "media_message", "template_message", "choice_message",
+        "card_message", "carousel_message", "location_message", "contact_info_message",
+        "list_message",
+    }
+)  # fmt: skip
+MAX_REQUEST_ID = 256
+
+
+class Priority(enum.IntEnum):
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+
+_PRIORITIES = {"high": Priority.HIGH, "normal": Priority.NORMAL, "low": Priority.LOW}
+
+
+class Status(enum.StrEnum):
+    SENT = "sent"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+
+
+@dataclass(slots=True)
+class Request:
+    """One decoded send request and where it came from."""
+
+    request_id: str
+    app_id: str
+    payload: dict[str, Any]
+    project_id: str | None = None
+    region: str | None = None
+    expire_at: float | None = None  # unix seconds
+    priority: Priority = Priority.NORMAL
+    channel: str | None = None
+    # bookkeeping, filled by the gateway
+    partition: int = -1
+    offset: int = -1
+    timestamp_ms: int = 0
+    size: int = 0
+    attempts: int = 0
+    first_error_at: float | None = None
+    last_error_at: float | None = None
+    received_at: float = 0.0
+    renewed: bool = False
+    raw: bytes = b""
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    tracker: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def body(self, now: float) -> bytes:
+        """The SendMessageRequest to POST, with the gateway-owned fields filled in."""
+        payload = self.payload
+        changes: dict[str, Any] = {}
+        if not payload.get("correlation_id"):
+            changes["correlation_id"] = self.request_id
+        if self.priority is Priority.HIGH and "queue" not in payload:
+            changes["queue"] = "HIGH_PRIORITY"
+        if self.expire_at is not None and "ttl" not in payload:
+            changes["ttl"] = f"{max(1, int(self.expire_at - now))}s"
+        if changes:
+            payload = {**payload, **changes}
+        return orjson.dumps(payload)
+
+
+def _rfc3339(key: str, value: Any) -> float:
+    if not isinstance(value, str):
+        raise InvalidMessage("bad_field", f"{key} must be an RFC 3339 string")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidMessage("bad_field", f"{key} is not RFC 3339") from None
+    if moment.tzinfo is None:
+        raise InvalidMessage("bad_field", f"{key} has no time zone")
+    return moment.timestamp()
+
+
+def _recipient_channel(recipient: Any) -> str | None:
+    if not isinstance(recipient, dict):
+        raise InvalidMessage("bad_field", "payload.recipient must be an object")
+    if isinstance(recipient.get("contact_id"), str) and recipient["contact_id"]:
+        return None
+    identified = recipient.get("identified_by")
+    idents = identified.get("channel_identities") if isinstance(identified, dict) else None
+    if not isinstance(idents, list) or not idents:
+        raise InvalidMessage(
+            "missing_field", "payload.recipient needs contact_id or identified_by"
+        )
+    first = idents[0]
+    if not isinstance(first, dict) or not isinstance(first.get("identity"), str):
+        raise InvalidMessage("bad_field", "payload.recipient channel identity is malformed")
+    channel = first.get("channel")
+    return channel.upper() if isinstance(channel, str) else None
+
+
+def decode(value: bytes | None, *, max_bytes: int) -> Request:
+    """Decode and validate one record value. Raises :class:`InvalidMessage`."""
+    if value is None:
+        raise InvalidMessage("empty", "record has no value")
+    if len(value) > max_bytes:
+        raise InvalidMessage("too_large", f"{len(value)} bytes > {max_bytes}")
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        reason = "invalid_utf8" if "utf-8" in str(exc).lower() else "invalid_json"
+        raise InvalidMessage(reason, "value is not a JSON document") from None
+    if not isinstance(doc, dict):
+        raise InvalidMessage("bad_field", "envelope must be a JSON object")
+
+    request_id = doc.get("request_id")
+    if request_id is None or request_id == "":
+        raise InvalidMessage("missing_field", "request_id")
+    if not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID:
+        raise InvalidMessage("bad_field", "request_id must be a string of at most 256 chars")
+    payload = doc.get("payload")
+    if not isinstance(payload, dict):
+        raise InvalidMessage("missing_field" if payload is None else "bad_field", "payload")
+    app_id = payload.get("app_id")
+    if not isinstance(app_id, str) or not app_id:
+        raise InvalidMessage("missing_field" if app_id is None else "bad_field", "payload.app_id")
+    if "recipient" not in payload:
+        raise InvalidMessage("missing_field", "payload.recipient")
+    channel = _recipient_channel(payload["recipient"])
+    message = payload.get("message")
+    if not isinstance(message, dict):
+        raise InvalidMessage("missing_field" if message is None else "bad_field", "payload.message")
+    if not any(kind in message for kind in MESSAGE_KINDS):
+        raise InvalidMessage("bad_field", "payload.message has no known message type")
+
+    project_id = doc.get("project_id")
+    if project_id is not None and (not isinstance(project_id, str) or not project_id):
+        raise InvalidMessage("bad_field", "project_id must be a non-empty string")
+    region = doc.get("region")
+    if region is not None and region not in REGIONS:
+        raise InvalidMessage("bad_field", "region must be one of us, eu, br")
+    expire_at = doc.get("expire_at")
+    expire_ts = _rfc3339("expire_at", expire_at) if expire_at is not None else None
+    priority_raw = doc.get("priority", "normal")
+    priority = _PRIORITIES.get(priority_raw) if isinstance(priority_raw, str) else None
+    if priority is None:
+        raise InvalidMessage("bad_field", "priority must be one of high, normal, low")
+    return Request(
+        request_id=request_id,
+        app_id=app_id,
+        payload=payload,
+        project_id=project_id,
+        region=region,
+        expire_at=expire_ts,
+        priority=priority,
+        channel=channel,
+        size=len(value),
+    )
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def result_record(
+    *,
+    request_id: str | None,
+    status: Status,
+    app_id: str | None,
+    attempts: int,
+    http_status: int | None = None,
+    message_id: str | None = None,
+    accepted_time: str | None = None,
+    error: Any = None,
+    timings: dict[str, float] | None = None,
+    partition: int | None = None,
+    offset: int | None = None,
+) -> bytes:
+    """One record of the results topic (the contract in DESIGN.md)."""
+    return orjson.dumps(
+        {
+            "request_id": request_id,
+            "status": status.value,
+            "message_id": message_id,
+            "accepted_time": accepted_time,
+            "http_status": http_status,
+            "error": error,
+            "attempts": attempts,
+            "app_id": app_id,
+            "timings": timings or {},
+            "source": {"partition": partition, "offset": offset},
+        }
+    )

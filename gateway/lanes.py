@@ -1,0 +1,218 @@
+"""Per-app lanes: a queue per app, drained by its own worker at its own rate.
+
+A record of an app at its limit must not hold up the records of other apps that
+share its partition, so intake routes every request to its app's lane and
+returns at once. Each lane's worker takes the next request (a due retry first,
+then high, normal, low priority; arrival order otherwise), waits for its
+rate-limit slots and an in-flight permit, and hands it to the sender without
+waiting for the answer: lanes never block each other, and one lane can have
+``rate x latency`` requests in flight.
+
+Memory is bounded by the intake's record budget, not here: lanes accept what
+intake gives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from gateway.envelope import Priority, Request
+from gateway.limiter import Bucket, acquire
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[Request, "Lane"], Coroutine[Any, Any, None]]
+_seq = itertools.count()
+
+
+class Lane:
+    """The queue of one app, with its retries and its pause state."""
+
+    __slots__ = (
+        "_queues", "_retries", "_wakeup", "app_id", "bucket", "depth", "pause_reason",
+        "paused_until", "worker",
+    )  # fmt: skip
+
+    def __init__(self, app_id: str, bucket: Bucket) -> None:
+        self.app_id = app_id
+        self.bucket = bucket
+        self._queues: tuple[deque[Request], ...] = (deque(), deque(), deque())
+        self._retries: list[tuple[float, int, Request]] = []
+        self._wakeup: asyncio.Future[None] | None = None
+        self.depth = 0
+        self.paused_until = 0.0
+        self.pause_reason = ""
+        self.worker: asyncio.Task[None] | None = None
+
+    def put(self, req: Request) -> None:
+        self._queues[req.priority].append(req)
+        self.depth += 1
+        self._wake()
+
+    def put_retry(self, req: Request, due: float) -> None:
+        heapq.heappush(self._retries, (due, next(_seq), req))
+        self.depth += 1
+        self._wake()
+
+    def pause(self, until: float, reason: str) -> None:
+        self.paused_until = until
+        self.pause_reason = reason
+
+    def drop(self, keep: Callable[[Request], bool]) -> list[Request]:
+        """Remove and return the queued requests for which ``keep`` is False."""
+        dropped: list[Request] = []
+        for q in self._queues:
+            kept: list[Request] = []
+            for r in q:
+                (kept if keep(r) else dropped).append(r)
+            q.clear()
+            q.extend(kept)
+        retries: list[tuple[float, int, Request]] = []
+        for entry in self._retries:
+            if keep(entry[2]):
+                retries.append(entry)
+            else:
+                dropped.append(entry[2])
+        heapq.heapify(retries)
+        self._retries = retries
+        self.depth -= len(dropped)
+        return dropped
+
+    def _wake(self) -> None:
+        fut = self._wakeup
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def get(self, clock: Callable[[], float]) -> Request:
+        """The next request that may go now; waits for one (or for a retry to be due)."""
+        while True:
+            now = clock()
+            timeout: float | None = None
+            if self.paused_until > now:
+                timeout = self.paused_until - now
+            else:
+                if self._retries:
+                    due = self._retries[0][0]
+                    if due <= now:
+                        self.depth -= 1
+                        return heapq.heappop(self._retries)[2]
+                    timeout = due - now
+                for q in self._queues:
+                    if q:
+                        self.depth -= 1
+                        return q.popleft()
+            self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                if timeout is None:
+                    await self._wakeup
+                else:
+                    await asyncio.wait_for(self._wakeup, timeout)
+            except TimeoutError:
+                pass
+            finally:
+                self._wakeup = None
+
+
+class Lanes:
+    """All lanes, their workers, and the shared project bucket and in-flight cap."""
+
+    def __init__(
+        self,
+        *,
+        project_bucket: Bucket,
+        make_app_bucket: Callable[[str], Bucket],
+        channel_buckets: dict[str, Bucket],
+        max_in_flight: int,
+        sender: Sender,
+        clock: Callable[[], float],
+        on_wait: Callable[[float], None] | None = None,
+        expired: Callable[[Request], bool] | None = None,
+        on_expired: Callable[[Request], None] | None = None,
+    ) -> None:
+        self.project_bucket = project_bucket
+        self._make_app_bucket = make_app_bucket
+        self.channel_buckets = channel_buckets
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self.max_in_flight = max_in_flight
+        self._sender = sender
+        self._clock = clock
+        self._on_wait = on_wait
+        self._expired = expired
+        self._on_expired = on_expired
+        self.lanes: dict[str, Lane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.in_flight = 0
+
+    def lane(self, app_id: str) -> Lane:
+        lane = self.lanes.get(app_id)
+        if lane is None:
+            lane = self.lanes[app_id] = Lane(app_id, self._make_app_bucket(app_id))
+            lane.worker = asyncio.create_task(self._work(lane), name=f"lane-{app_id}")
+        return lane
+
+    def put(self, req: Request) -> None:
+        self.lane(req.app_id).put(req)
+
+    @property
+    def depth(self) -> int:
+        return sum(lane.depth for lane in self.lanes.values())
+
+    async def _work(self, lane: Lane) -> None:
+        clock = self._clock
+        project = self.project_bucket
+        channels = self.channel_buckets
+        while True:
+            req = await lane.get(clock)
+            if self._expired is not None and self._expired(req):
+                if self._on_expired is not None:
+                    self._on_expired(req)
+                continue
+            await self._in_flight.acquire()
+            chan = channels.get(req.channel) if req.channel and channels else None
+            buckets = (lane.bucket, chan, project) if chan else (lane.bucket, project)
+            waited = await acquire(buckets, clock)
+            if self._on_wait is not None:
+                self._on_wait(waited)
+            self.in_flight += 1
+            task = asyncio.create_task(self._send(req, lane))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, req: Request, lane: Lane) -> None:
+        try:
+            await self._sender(req, lane)
+        except Exception:
+            log.exception("sender failed for request_id=%s", req.request_id)
+        finally:
+            self.in_flight -= 1
+            self._in_flight.release()
+
+    async def stop_workers(self) -> None:
+        """Stop taking new requests from the lanes (in-flight sends go on)."""
+        workers = [lane.worker for lane in self.lanes.values() if lane.worker is not None]
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for lane in self.lanes.values():
+            lane.worker = None
+
+    async def wait_in_flight(self, timeout: float) -> bool:
+        """Wait until every started send has finished; False on timeout."""
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        return not pending
+
+    async def close(self) -> None:
+        await self.stop_workers()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,137 @@
+"""Paced token buckets that keep every 1-second window under Sinch's caps.
+
+Sinch counts requests in a strict 1-second window. A classic token bucket that
+starts full (``aiolimiter.AsyncLimiter(r, 1)``) lets ``2r`` through in its first
+second and again after every idle second, and one with a burst of 1 loses rate
+to timer lateness because each wait starts from the moment the previous waiter
+woke up. These buckets use GCRA (virtual scheduling): each caller *reserves* the
+next slot on a theoretical timeline that advances by exactly ``1/rate`` per
+request, so late wake-ups never accumulate into lost throughput, and at most
+``burst`` requests ever share an instant.
+
+The pacing rate leaves room for the burst and for arrival jitter:
+``pace = rate * (1 - margin) - (burst - 1)``; with that, no 1-second window
+holds more than ``rate`` requests however the slots fall.
+
+A request takes a slot from its app bucket first (waiting its turn there), then
+from the channel bucket where one is configured, and last from the project
+bucket. Each lane has at most one caller waiting on the project bucket, and
+reservations are handed out in call order, so when the project cap binds the
+busy apps share it round-robin: max-min fair.
+
+Adaptive rate (``slow_down``/``recover``) scales the pace of one bucket between
+``min_factor`` and 1 (multiplicative decrease, additive increase).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+
+Clock = Callable[[], float]
+
+
+class Bucket:
+    """One paced bucket (project, app or channel scope)."""
+
+    __slots__ = (
+        "_clock",
+        "_tat",
+        "burst",
+        "factor",
+        "interval",
+        "margin",
+        "min_factor",
+        "name",
+        "on_change",
+        "rate",
+        "tolerance",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        rate: float,
+        *,
+        burst: float = 1.0,
+        margin: float = 0.01,
+        clock: Clock | None = None,
+        min_factor: float = 0.05,
+        on_change: Callable[[Bucket], None] | None = None,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        if burst < 1:
+            raise ValueError("burst must be >= 1")
+        self.name = name
+        self.rate = rate
+        self.burst = burst
+        self.margin = margin
+        self.factor = 1.0
+        self.min_factor = min_factor
+        self.on_change = on_change
+        self._clock = clock or asyncio.get_running_loop().time
+        self._tat = 0.0
+        self.interval = 0.0
+        self.tolerance = 0.0
+        self._recompute()
+
+    @property
+    def pace(self) -> float:
+        """Requests per second this bucket hands out now."""
+        return 1.0 / self.interval
+
+    def _recompute(self) -> None:
+        ceiling = self.rate * (1.0 - self.margin) - (self.burst - 1.0)
+        pace = max(ceiling, self.rate * 0.5) * self.factor
+        self.interval = 1.0 / pace
+        self.tolerance = (self.burst - 1.0) * self.interval
+
+    def reserve(self) -> float:
+        """Take the next slot; return the clock time at which it may be used."""
+        now = self._clock()
+        tat = self._tat
+        at = tat - self.tolerance
+        if at < now:
+            at = now
+        self._tat = (tat if tat > at else at) + self.interval
+        return at
+
+    def backlog_s(self) -> float:
+        """How far ahead of now the slots are handed out (0 when idle)."""
+        return max(0.0, self._tat - self._clock())
+
+    def slow_down(self, factor: float = 0.5) -> bool:
+        """Multiplicative decrease after a 429 in this scope. True if it changed."""
+        new = max(self.min_factor, self.factor * factor)
+        if new == self.factor:
+            return False
+        self.factor = new
+        self._recompute()
+        if self.on_change:
+            self.on_change(self)
+        return True
+
+    def recover(self, step: float = 0.05) -> bool:
+        """Additive increase toward the configured rate. True if it changed."""
+        if self.factor >= 1.0:
+            return False
+        self.factor = min(1.0, self.factor + step)
+        self._recompute()
+        if self.on_change:
+            self.on_change(self)
+        return True
+
+    def set_rate(self, rate: float) -> None:
+        self.rate = rate
+        self._recompute()
+
+
+async def acquire(buckets: Iterable[Bucket], clock: Clock) -> float:
+    """Wait for a slot in each bucket in turn; return the total time waited."""
+    start = clock()
+    for bucket in buckets:
+        delay = bucket.reserve() - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    return clock() - start

@@ -1,0 +1,153 @@
+"""Every Prometheus collector of the gateway, bound to an injected registry.
+
+Names follow Prometheus conventions: ``gateway_`` prefix, base units,
+``_total`` counters, ``_seconds`` histograms. Labels are bounded: app ids pass
+through :class:`LabelCap` (the first ``max_app_labels`` distinct ids keep their
+name, the rest are counted as ``other``). The catalog with meanings lives in
+``deploy/METRICS.md``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class LabelCap:
+    """Bound the distinct values of one label; the overflow is ``other``."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) < self._limit:
+            self._seen.add(value)
+            return value
+        return "other"
+
+
+class Metrics:
+    """The gateway's collectors. One instance per process (or per test)."""
+
+    def __init__(self, registry: CollectorRegistry, *, max_app_labels: int = 200) -> None:
+        self.registry = registry
+        self.app_label = LabelCap(max_app_labels)
+        r = registry
+        self.consumed = Counter(
+            "gateway_requests_consumed", "Records read from the requests topic.", registry=r
+        )
+        self.outcomes = Counter(
+            "gateway_requests_finished",
+            "Requests that reached a terminal outcome, by app and status "
+            "(sent, failed, expired, rejected).",
+            ["app_id", "status"],
+            registry=r,
+        )
+        self.responses = Counter(
+            "gateway_sinch_responses",
+            "Answers from the Conversation API by HTTP status class "
+            "(2xx, 4xx, 429, 5xx, or 'error' when there was no answer).",
+            ["status_class"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "gateway_retries", "Attempts scheduled again, by reason.", ["reason"], registry=r
+        )
+        self.in_doubt = Counter(
+            "gateway_in_doubt",
+            "Attempts that may have reached Sinch without an answer (timeouts after sending).",
+            registry=r,
+        )
+        self.duplicates = Counter(
+            "gateway_duplicates_skipped",
+            "Records skipped because their request_id was already sent or is in flight.",
+            registry=r,
+        )
+        self.dlq = Counter(
+            "gateway_dlq_records", "Records written to the dead-letter topic, by reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.limiter_wait = Histogram(
+            "gateway_limiter_wait_seconds",
+            "Time a request waited for its rate-limit slots.",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.rate_configured = Gauge(
+            "gateway_rate_limit_configured",
+            "Configured rate of a bucket, requests per second.",
+            ["scope", "bucket"],
+            registry=r,
+        )
+        self.rate_effective = Gauge(
+            "gateway_rate_limit_effective",
+            "Rate a bucket paces at now (after margins and adaptive slow-down), per second.",
+            ["scope", "bucket"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "gateway_in_flight_requests", "Requests sent to Sinch and not answered yet.",
+            registry=r,
+        )  # fmt: skip
+        self.lane_depth = Gauge(
+            "gateway_lane_depth", "Requests queued in an app's lane (retries included).",
+            ["app_id"], registry=r,
+        )  # fmt: skip
+        self.buffered = Gauge(
+            "gateway_buffered_records",
+            "Records read from Kafka and not finished yet (the memory budget).",
+            registry=r,
+        )
+        self.paused_partitions = Gauge(
+            "gateway_paused_partitions", "Partitions paused for back-pressure.", registry=r
+        )
+        self.lag = Gauge(
+            "gateway_consumer_lag",
+            "Records in the partition after the last one read.",
+            ["partition"],
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "gateway_end_to_end_latency_seconds",
+            "From the Kafka record timestamp to Sinch's acceptance.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.sinch_latency = Histogram(
+            "gateway_sinch_request_duration_seconds",
+            "Duration of one messages:send call.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_refreshes = Counter(
+            "gateway_token_refreshes", "OAuth2 token fetches, by result.", ["result"], registry=r
+        )
+        self.token_expires_in = Gauge(
+            "gateway_token_expires_in_seconds",
+            "Seconds until the current access token expires (negative: none valid).",
+            registry=r,
+        )
+        self.sending_paused = Gauge(
+            "gateway_sending_paused",
+            "1 while sending is held: scope 'auth' (credentials refused) or 'app'.",
+            ["scope"],
+            registry=r,
+        )
+        self.webhook_events = Counter(
+            "gateway_webhook_events",
+            "Callbacks received on the webhook, by trigger and result.",
+            ["trigger", "result"],
+            registry=r,
+        )
+        self.commits = Counter(
+            "gateway_offset_commits", "Offset commits, by result.", ["result"], registry=r
+        )
+        self.ready = Gauge("gateway_ready", "1 when /readyz answers 200.", registry=r)

@@ -1,0 +1,96 @@
+"""Per-partition offset tracking for out-of-order completion.
+
+Records of one partition finish in any order (lanes drain at different rates,
+retries come back later). The committable offset is the first record not yet
+finished: committing it says "everything before this is done", which is the
+at-least-once contract. Finished records beyond it are remembered in the commit
+metadata (:func:`encode_done`), so that after a crash or rebalance the next
+owner can skip them instead of sending them again.
+"""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from collections import deque
+
+_META_PREFIX = "gw1:"
+
+
+class PartitionTracker:
+    """Offsets read from one partition and which of them are finished."""
+
+    __slots__ = ("_done", "_last", "_pending", "committed", "partition", "revoked", "skip")
+
+    def __init__(self, partition: int, committed: int | None = None) -> None:
+        self.partition = partition
+        self._pending: deque[int] = deque()
+        self._done: set[int] = set()
+        self._last: int | None = None
+        self.committed = committed
+        self.revoked = False
+        self.skip: set[int] = set()  # finished before a restart, from commit metadata
+
+    def add(self, offset: int) -> None:
+        self._pending.append(offset)
+        self._last = offset
+
+    def done(self, offset: int) -> None:
+        pending = self._pending
+        if pending and pending[0] == offset:
+            pending.popleft()
+            done = self._done
+            while pending and pending[0] in done:
+                done.discard(pending.popleft())
+        else:
+            self._done.add(offset)
+
+    @property
+    def next_read(self) -> int | None:
+        return None if self._last is None else self._last + 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def committable(self) -> int | None:
+        """The offset to commit now (next record to process), or None if nothing read."""
+        if self._pending:
+            return self._pending[0]
+        return None if self._last is None else self._last + 1
+
+    def finished_beyond(self) -> list[int]:
+        """Finished offsets above the committable one (for the commit metadata)."""
+        return sorted(self._done)
+
+
+def encode_done(base: int, done: list[int], limit: int = 4000) -> str:
+    """Compact map of finished offsets above ``base``: a zlib'd bitmap, base64.
+
+    Returns "" when there is nothing to record; bounded to ``limit`` characters
+    (beyond that the tail is dropped: those records are simply sent again).
+    """
+    rel = [o - base for o in done if o > base]
+    if not rel:
+        return ""
+    bits = bytearray((max(rel) >> 3) + 1)
+    for r in rel:
+        bits[r >> 3] |= 1 << (r & 7)
+    text = _META_PREFIX + base64.b85encode(zlib.compress(bytes(bits), 9)).decode()
+    while len(text) > limit and rel:
+        rel = rel[: len(rel) // 2]
+        return encode_done(base, [base + r for r in rel], limit)
+    return text
+
+
+def decode_done(base: int, text: str | None) -> set[int]:
+    """The offsets recorded by :func:`encode_done`; an empty set for anything else."""
+    if not text or not text.startswith(_META_PREFIX):
+        return set()
+    try:
+        bits = zlib.decompress(base64.b85decode(text[len(_META_PREFIX) :]))
+    except (ValueError, zlib.error):
+        return set()
+    return {
+        base + (i << 3) + b for i, byte in enumerate(bits) if byte for b in range(8) if byte >> b & 1
+    }

@@ -1,0 +1,126 @@
+"""Writes to the results, status, DLQ and events topics, and creates topics.
+
+``send`` hands a record to aiokafka's accumulator and returns the delivery
+future: callers attach the "finished" step to it, so an offset is committed
+only after Kafka acknowledged what the record produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+def kafka_options(settings: Settings) -> dict[str, Any]:
+    """Connection options shared by the consumer, producer and admin client."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap.split(","),
+        "client_id": settings.client_id,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol.startswith("SASL"):
+        opts["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        opts["sasl_plain_username"] = settings.kafka_sasl_username
+        if settings.kafka_sasl_password is not None:
+            opts["sasl_plain_password"] = settings.kafka_sasl_password.reveal()
+    if settings.kafka_security_protocol.endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        opts["ssl_context"] = create_ssl_context()
+    return opts
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Create the gateway's topics if they are missing (``create_topics``)."""
+    admin = AIOKafkaAdminClient(**kafka_options(settings))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            settings.requests_topic, settings.results_topic, settings.status_topic,
+            settings.dlq_topic, settings.events_topic,
+        ]  # fmt: skip
+        missing = [t for t in dict.fromkeys(wanted) if t not in existing]
+        if not missing:
+            return
+        try:
+            await admin.create_topics(
+                [NewTopic(t, settings.topic_partitions, settings.topic_replication)
+                 for t in missing]
+            )  # fmt: skip
+        except TopicAlreadyExistsError:
+            pass
+        log.info("created topics %s", ", ".join(missing))
+    finally:
+        await admin.close()
+
+
+class Publisher:
+    """One idempotence-configurable producer for every output topic."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self.failures = 0
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(
+            **kafka_options(self._settings),
+            acks="all",
+            enable_idempotence=self._settings.producer_idempotence,
+            linger_ms=5,
+            max_request_size=max(1_048_576, self._settings.max_message_bytes + 65_536),
+        )
+        await producer.start()
+        self._producer = producer
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()  # flushes what is pending
+
+    async def __aenter__(self) -> Publisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def send(
+        self, topic: str, value: bytes | None, *, key: bytes | None = None,
+        headers: Headers | None = None,
+    ) -> asyncio.Future[Any]:  # fmt: skip
+        if self._producer is None:
+            raise RuntimeError("publisher is not started")
+        fut: asyncio.Future[Any] = await self._producer.send(
+            topic, value=value, key=key, headers=headers
+        )
+        return fut
+
+    async def flush(self) -> None:
+        if self._producer is not None:
+            await self._producer.flush()
+
+    async def send_and_wait(
+        self, topic: str, value: bytes | None, *, key: bytes | None = None,
+        headers: Headers | None = None,
+    ) -> None:  # fmt: skip
+        fut = await self.send(topic, value, key=key, headers=headers)
+        try:
+            await fut
+        except KafkaError:
+            self.failures += 1
+            raise

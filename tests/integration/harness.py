@@ -1,0 +1,66 @@
+"""Running the real gateway in-process against the test broker and simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from gateway.app import Gateway
+from gateway.cli import sample_request
+from gateway.demo import demo_settings, publish, read_records
+from gateway.settings import Settings
+
+__all__ = ["committed_total", "publish", "read_records", "requests_for", "running", "settings_for"]
+
+
+def settings_for(bootstrap: str, sim_port: int, topics: dict[str, str], **kw: Any) -> Settings:
+    values: dict[str, Any] = {**topics, "topic_partitions": 3, "session_timeout_s": 2.0,
+                              "commit_interval_s": 0.2, "log_level": "INFO"}  # fmt: skip
+    values.update(kw)
+    return demo_settings(bootstrap, sim_port, **values)
+
+
+def requests_for(apps: list[str], count: int) -> list[tuple[bytes | None, bytes]]:
+    out = []
+    for i in range(count):
+        app_id = apps[i % len(apps)]
+        out.append((app_id.encode(), orjson.dumps(sample_request(app_id, i))))
+    return out
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Gateway]:
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    started = asyncio.ensure_future(gateway.started.wait())
+    done, _ = await asyncio.wait({task, started}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        started.cancel()
+        task.result()
+    assert started in done, "gateway did not start within 30 s"
+    try:
+        yield gateway
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def committed_total(bootstrap: str, topic: str, group_id: str, partitions: int) -> int:
+    """Sum of the group's committed offsets (records are numbered from 0 per partition)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
+                                enable_auto_commit=False)  # fmt: skip
+    await consumer.start()
+    try:
+        total = 0
+        for p in range(partitions):
+            off = await consumer.committed(TopicPartition(topic, p))
+            total += off or 0
+        return total
+    finally:
+        await consumer.stop()
