@@ -252,6 +252,7 @@ class Gateway:
             on_wait=m.limiter_wait.observe,
             expired=expired,
             on_expired=on_expired,
+            gate=delivery.gate,
         )
 
     async def _retry_kafka(self, start: object, stop: asyncio.Event, what: str) -> None:

@@ -9,6 +9,7 @@ offset can be committed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -103,6 +104,15 @@ class Delivery:
         self._feedback = feedback
         self._on_auth_refused = on_auth_refused
         self.app_pause_s = 30.0
+
+    async def gate(self) -> None:
+        """Wait until sending may go on: credentials accepted and a token at hand."""
+        while True:
+            try:
+                await self._tokens.authorization()
+                return
+            except AuthError:
+                await asyncio.sleep(min(1.0, self._s.backoff_base_s))
 
     async def attempt(self, req: Request, lane: Lane) -> None:
         s = self._s

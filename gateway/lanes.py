@@ -19,7 +19,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from gateway.envelope import Priority, Request
@@ -134,6 +134,7 @@ class Lanes:
         on_wait: Callable[[float], None] | None = None,
         expired: Callable[[Request], bool] | None = None,
         on_expired: Callable[[Request], None] | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.project_bucket = project_bucket
         self._make_app_bucket = make_app_bucket
@@ -145,6 +146,7 @@ class Lanes:
         self._on_wait = on_wait
         self._expired = expired
         self._on_expired = on_expired
+        self._gate = gate
         self.lanes: dict[str, Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -175,6 +177,9 @@ class Lanes:
                     self._on_expired(req)
                 continue
             await self._in_flight.acquire()
+            if self._gate is not None:
+                # e.g. a valid token is at hand: nothing may stand between slot and wire
+                await self._gate()
             chan = channels.get(req.channel) if req.channel and channels else None
             buckets = (lane.bucket, chan, project) if chan else (lane.bucket, project)
             waited = await acquire(buckets, clock)

@@ -26,9 +26,11 @@ Adaptive rate (``slow_down``/``recover``) scales the pace of one bucket between
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Sequence
 
 Clock = Callable[[], float]
+WINDOW_S = 1.005  # Sinch's 1-second window, plus 5 ms for arrival jitter
 
 
 class Bucket:
@@ -36,6 +38,7 @@ class Bucket:
 
     __slots__ = (
         "_clock",
+        "_sent",
         "_tat",
         "burst",
         "factor",
@@ -72,6 +75,8 @@ class Bucket:
         self.on_change = on_change
         self._clock = clock or asyncio.get_running_loop().time
         self._tat = 0.0
+        # send times of the last `cap` requests: the strict-window guard
+        self._sent: deque[float] = deque(maxlen=max(1, int(rate)))
         self.interval = 0.0
         self.tolerance = 0.0
         self._recompute()
@@ -96,6 +101,20 @@ class Bucket:
             at = now
         self._tat = (tat if tat > at else at) + self.interval
         return at
+
+    def window_delay(self, now: float) -> float:
+        """Seconds to wait so that no 1-second window holds more than ``rate`` sends.
+
+        Pacing alone keeps to that when the time from slot to wire is constant; this
+        guard also holds when it is not (a stalled loop, a slow connection).
+        """
+        sent = self._sent
+        if len(sent) < sent.maxlen:  # type: ignore[operator]
+            return 0.0
+        return sent[0] + WINDOW_S - now
+
+    def record(self, now: float) -> None:
+        self._sent.append(now)
 
     def backlog_s(self) -> float:
         """How far ahead of now the slots are handed out (0 when idle)."""
@@ -124,14 +143,27 @@ class Bucket:
 
     def set_rate(self, rate: float) -> None:
         self.rate = rate
+        self._sent = deque(self._sent, maxlen=max(1, int(rate)))
         self._recompute()
 
 
-async def acquire(buckets: Iterable[Bucket], clock: Clock) -> float:
-    """Wait for a slot in each bucket in turn; return the total time waited."""
+async def acquire(buckets: Sequence[Bucket], clock: Clock) -> float:
+    """Wait for a slot in each bucket in turn; return the total time waited.
+
+    The caller sends right after this returns: the send time is recorded in each
+    bucket's window guard.
+    """
     start = clock()
     for bucket in buckets:
         delay = bucket.reserve() - clock()
         if delay > 0:
             await asyncio.sleep(delay)
-    return clock() - start
+    while True:
+        now = clock()
+        delay = max(b.window_delay(now) for b in buckets)
+        if delay <= 0:
+            break
+        await asyncio.sleep(delay)
+    for bucket in buckets:
+        bucket.record(now)
+    return now - start
