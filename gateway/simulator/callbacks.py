@@ -1,0 +1,383 @@
+"""Signed Sinch callbacks from the simulator to a webhook: delivery reports, inbound.
+
+For every accepted send the simulator posts a MESSAGE_DELIVERY callback with status
+``QUEUED_ON_CHANNEL`` at once and, ``callback_delay_s`` later, ``DELIVERED`` (or
+``FAILED`` with a ``reason`` for ``callback_failed_fraction`` of the messages).
+``POST /_sim/inbound`` produces a MESSAGE_INBOUND callback.
+
+The send path only appends to bounded in-memory queues (:meth:`CallbackDispatcher.
+message_accepted` never awaits); a pool of ``callback_workers`` tasks and one
+``ClientSession`` do the HTTP. A full queue drops the callback and counts it. A POST
+that fails (connection error or non-2xx) is retried ``callback_retries`` times with
+exponential back-off, re-signed each time.
+
+Signature, as Sinch does it: ``x-sinch-webhook-signature`` is
+``base64(HMAC-SHA256(secret, body + "." + nonce + "." + timestamp))`` with the
+nonce and the unix-seconds timestamp in ``x-sinch-webhook-signature-nonce`` and
+``x-sinch-webhook-signature-timestamp``. Without ``callback_secret`` no signature
+headers are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final
+
+import aiohttp
+import orjson
+from prometheus_client import Counter
+
+from gateway.simulator.settings import SimulatorSettings
+
+log = logging.getLogger(__name__)
+
+_B32: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_CROCKFORD: Final = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TO_CROCKFORD: Final = bytes.maketrans(_B32, _CROCKFORD)
+_RETRY_BASE_S: Final = 0.1
+_FAILURE_REASON: Final = {
+    "code": "RECIPIENT_NOT_REACHABLE",
+    "description": "Simulated delivery failure.",
+    "sub_code": "UNSPECIFIED_SUB_CODE",
+}
+
+
+def sign(secret: str, body: bytes, nonce: str, timestamp: str) -> str:
+    """Sinch webhook signature of ``body`` (see the module docstring)."""
+    signed = body + b"." + nonce.encode() + b"." + timestamp.encode()
+    digest = hmac.new(secret.encode(), signed, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def signature_headers(secret: str, body: bytes) -> dict[str, str]:
+    """Fresh nonce and timestamp headers plus the signature over them."""
+    nonce = secrets.token_hex(13)
+    timestamp = str(int(time.time()))
+    return {
+        "x-sinch-webhook-signature-nonce": nonce,
+        "x-sinch-webhook-signature-timestamp": timestamp,
+        "x-sinch-webhook-signature": sign(secret, body, nonce, timestamp),
+    }
+
+
+def ulid(rng: random.Random) -> str:
+    """A 26-character ULID-shaped id: 48-bit wall-clock ms, 80 random bits."""
+    value = (time.time_ns() // 1_000_000) << 80 | rng.getrandbits(80)
+    # 160 bits encode to 32 base32 chars; the first 6 carry the 30 zero bits.
+    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(_TO_CROCKFORD).decode()
+
+
+def derived_id(*parts: str) -> str:
+    """A stable 26-character id for (contact, conversation) derived from ``parts``."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).digest()
+    value = int.from_bytes(digest, "big") >> 2
+    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(_TO_CROCKFORD).decode()
+
+
+def rfc3339(epoch_s: float | None = None) -> str:
+    """UTC time with microseconds and a ``Z``, e.g. ``2021-10-18T17:49:13.813615Z``."""
+    moment = datetime.now(UTC) if epoch_s is None else datetime.fromtimestamp(epoch_s, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def recipient_identity(app_id: str, recipient: Mapping[str, Any]) -> dict[str, str]:
+    """Channel identity and contact id the callbacks report for a send's recipient."""
+    identities = recipient.get("identified_by", {}).get("channel_identities") or []
+    if identities:
+        first = identities[0]
+        channel, identity = str(first.get("channel", "SMS")), str(first.get("identity", ""))
+        contact_id = derived_id(app_id, channel, identity)
+    else:
+        contact_id = str(recipient.get("contact_id", ""))
+        digest = hashlib.blake2b(contact_id.encode(), digest_size=8).digest()
+        channel, identity = "SMS", f"46{int.from_bytes(digest, 'big') % 10**9:09d}"
+    return {"channel": channel, "identity": identity, "contact_id": contact_id}
+
+
+def delivery_report(
+    *,
+    project_id: str,
+    app_id: str,
+    message_id: str,
+    accepted_time: str,
+    status: str,
+    recipient: Mapping[str, Any],
+    message_metadata: str,
+    correlation_id: str,
+    failed: bool = False,
+) -> dict[str, Any]:
+    """A MESSAGE_DELIVERY callback body in the Conversation API format."""
+    who = recipient_identity(app_id, recipient)
+    report: dict[str, Any] = {
+        "message_id": message_id,
+        "conversation_id": derived_id(app_id, who["contact_id"]),
+        "status": status,
+        "channel_identity": {
+            "channel": who["channel"],
+            "identity": who["identity"],
+            "app_id": app_id,
+        },
+        "contact_id": who["contact_id"],
+        "metadata": "",
+        "processing_mode": "CONVERSATION",
+    }
+    if failed:
+        report["reason"] = dict(_FAILURE_REASON)
+    return {
+        "app_id": app_id,
+        "accepted_time": accepted_time,
+        "event_time": rfc3339(),
+        "project_id": project_id,
+        "message_delivery_report": report,
+        "message_metadata": message_metadata,
+        "correlation_id": correlation_id,
+    }
+
+
+def inbound_message(
+    *, project_id: str, app_id: str, message_id: str, text: str, identity: str
+) -> dict[str, Any]:
+    """A MESSAGE_INBOUND callback body: ``identity`` wrote ``text`` over SMS."""
+    now = rfc3339()
+    contact_id = derived_id(app_id, "SMS", identity)
+    return {
+        "app_id": app_id,
+        "accepted_time": now,
+        "event_time": now,
+        "project_id": project_id,
+        "message": {
+            "id": message_id,
+            "direction": "TO_APP",
+            "contact_message": {"text_message": {"text": text}},
+            "channel_identity": {"channel": "SMS", "identity": identity, "app_id": app_id},
+            "conversation_id": derived_id(app_id, contact_id),
+            "contact_id": contact_id,
+            "metadata": "",
+            "accept_time": now,
+            "processing_mode": "CONVERSATION",
+        },
+        "message_metadata": "",
+    }
+
+
+class _Delivery:
+    """One delivery report to post; the body is built by the worker, off the send path."""
+
+    __slots__ = ("accepted_time", "app_id", "failed", "message", "message_id", "status", "url")
+
+    def __init__(
+        self,
+        url: str,
+        app_id: str,
+        message_id: str,
+        accepted_time: str,
+        message: Mapping[str, Any],
+        status: str,
+        failed: bool,
+    ) -> None:
+        self.url = url
+        self.app_id = app_id
+        self.message_id = message_id
+        self.accepted_time = accepted_time
+        self.message = message
+        self.status = status
+        self.failed = failed
+
+
+_Job = _Delivery | tuple[str, dict[str, Any]]
+
+
+class CallbackDispatcher:
+    """Bounded worker pool posting signed callbacks; owned by the simulator app.
+
+    ``start()``/``stop()`` are idempotent; ``counts`` has ``ok`` (posted, 2xx),
+    ``retry`` (attempts retried), ``failed`` (given up) and ``dropped`` (queue full
+    or no URL to post to).
+    """
+
+    def __init__(
+        self,
+        settings: SimulatorSettings,
+        rng: random.Random,
+        results: Counter | None = None,
+    ) -> None:
+        self._settings = settings
+        self._rng = rng
+        self._results = results
+        self.failed_fraction = settings.callback_failed_fraction
+        self.counts: dict[str, int] = {"ok": 0, "retry": 0, "failed": 0, "dropped": 0}
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(settings.callback_queue_size)
+        self._delayed: deque[tuple[float, _Delivery]] = deque()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Callbacks queued or waiting for their delay."""
+        return self._queue.qsize() + len(self._delayed)
+
+    async def start(self) -> None:
+        if self._session is not None or self._closed:
+            return
+        timeout = aiohttp.ClientTimeout(total=self._settings.callback_timeout_s)
+        self._session = aiohttp.ClientSession(timeout=timeout)
+        self._tasks.append(asyncio.create_task(self._scheduler(), name="sim-callback-delay"))
+        self._tasks.extend(
+            asyncio.create_task(self._worker(), name=f"sim-callback-{i}")
+            for i in range(self._settings.callback_workers)
+        )
+
+    async def stop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> CallbackDispatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def message_accepted(
+        self, now: float, app_id: str, message_id: str, accepted_time: str, body: dict[str, Any]
+    ) -> None:
+        """Queue QUEUED_ON_CHANNEL now and DELIVERED/FAILED after the delay."""
+        url = body.get("callback_url") or self._settings.callback_url
+        if not isinstance(url, str) or not url:
+            return
+        self._offer(
+            _Delivery(url, app_id, message_id, accepted_time, body, "QUEUED_ON_CHANNEL", False)
+        )
+        failed = self.failed_fraction > 0.0 and self._rng.random() < self.failed_fraction
+        final = "FAILED" if failed else "DELIVERED"
+        if len(self._delayed) >= self._settings.callback_queue_size:
+            self._count("dropped")
+            return
+        self._delayed.append(
+            (
+                now + self._settings.callback_delay_s,
+                _Delivery(url, app_id, message_id, accepted_time, body, final, failed),
+            )
+        )
+        self._wake.set()
+
+    def inbound(self, app_id: str, text: str, identity: str) -> str | None:
+        """Queue a MESSAGE_INBOUND callback; its message id, or None if not queued."""
+        url = self._settings.callback_url
+        if url is None:
+            return None
+        message_id = ulid(self._rng)
+        body = inbound_message(
+            project_id=self._settings.project_id,
+            app_id=app_id,
+            message_id=message_id,
+            text=text,
+            identity=identity,
+        )
+        return message_id if self._offer((url, body)) else None
+
+    def _offer(self, job: _Job) -> bool:
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self._count("dropped")
+            return False
+        return True
+
+    def _count(self, result: str) -> None:
+        self.counts[result] += 1
+        if self._results is not None:
+            self._results.labels(result=result).inc()
+
+    async def _scheduler(self) -> None:
+        loop = asyncio.get_running_loop()
+        delayed = self._delayed
+        while True:
+            if not delayed:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            due, job = delayed[0]
+            wait = due - loop.time()
+            if wait > 0.0:
+                await asyncio.sleep(wait)
+                continue
+            delayed.popleft()
+            self._offer(job)
+
+    async def _worker(self) -> None:
+        queue = self._queue
+        while True:
+            job = await queue.get()
+            try:
+                await self._post(job)
+            except Exception:
+                log.exception("simulator callback crashed")
+                self._count("failed")
+            finally:
+                queue.task_done()
+
+    def _render(self, job: _Job) -> tuple[str, bytes]:
+        if isinstance(job, tuple):
+            return job[0], orjson.dumps(job[1])
+        message = job.message
+        metadata = message.get("message_metadata", "")
+        correlation = message.get("correlation_id", "")
+        body = delivery_report(
+            project_id=self._settings.project_id,
+            app_id=job.app_id,
+            message_id=job.message_id,
+            accepted_time=job.accepted_time,
+            status=job.status,
+            recipient=message.get("recipient", {}),
+            message_metadata=metadata if isinstance(metadata, str) else "",
+            correlation_id=correlation if isinstance(correlation, str) else "",
+            failed=job.failed,
+        )
+        return job.url, orjson.dumps(body)
+
+    async def _post(self, job: _Job) -> None:
+        assert self._session is not None  # noqa: S101 - workers run only after start()
+        url, body = self._render(job)
+        secret = self._settings.callback_secret
+        retries = self._settings.callback_retries
+        for attempt in range(retries + 1):
+            headers = {"Content-Type": "application/json"}
+            if secret:
+                headers.update(signature_headers(secret, body))
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with self._session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if 200 <= resp.status < 300:
+                        self._count("ok")
+                        return
+            if attempt < retries:
+                self._count("retry")
+                await asyncio.sleep(_RETRY_BASE_S * 2**attempt)
+        self._count("failed")

@@ -1,0 +1,133 @@
+"""Command-line glue for ``gateway simulate``: flags, settings, embedded server.
+
+The ``gateway`` CLI adds :func:`add_arguments` to its ``simulate`` subparser, builds
+settings with :func:`settings_from_args` and runs :func:`serve` until SIGTERM sets
+the stop event. Tests and the demo embed the server with :func:`start`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from gateway.simulator.server import make_app
+from gateway.simulator.settings import REGIONS, Region, SimulatorSettings
+
+_FLOATS = (
+    ("token-lifetime-s", "seconds an OAuth token lives"),
+    ("project-rate", "sends/s per project (sliding 1 s window)"),
+    ("app-rate", "default sends/s per app"),
+    ("error-rate", "fraction of sends answered 500/503"),
+    ("latency-s", "latency added to every send"),
+    ("latency-jitter-s", "random extra latency, up to this"),
+    ("callback-failed-fraction", "fraction of deliveries reported FAILED"),
+    ("callback-delay-s", "delay between QUEUED_ON_CHANNEL and DELIVERED"),
+    ("basic-auth-rate", "sends/s allowed with HTTP Basic auth"),
+)
+_INTS = (
+    ("port", "TCP port (0 = ephemeral)"),
+    ("queue-size", "per-app ingress queue size (normal mode)"),
+    ("callback-workers", "concurrent callback posts"),
+    ("callback-queue-size", "callbacks buffered before dropping"),
+    ("callback-retries", "retries of a failed callback post"),
+    ("accepted-log-size", "accepted sends kept for /_sim/accepted"),
+    ("seed", "random seed (faults, ids)"),
+)
+_STRINGS = (
+    ("host", "address to bind"),
+    ("project-id", "the one project that exists"),
+    ("key-id", "OAuth / Basic key id"),
+    ("key-secret", "OAuth / Basic key secret"),
+    ("callback-url", "webhook that receives delivery reports and inbound messages"),
+    ("callback-secret", "HMAC secret that signs callbacks"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; unset flags keep the :class:`SimulatorSettings` default."""
+    for name, help_text in _STRINGS:
+        parser.add_argument(f"--{name}", default=None, help=help_text)
+    for name, help_text in _INTS:
+        parser.add_argument(f"--{name}", type=int, default=None, help=help_text)
+    for name, help_text in _FLOATS:
+        parser.add_argument(f"--{name}", type=float, default=None, help=help_text)
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        default=None,
+        help="app limit is a 1 s window answering 429 at once (default: leaky ingress queue)",
+    )
+    parser.add_argument(
+        "--apps", default=None, help="known apps and regions, e.g. app1:us,app2:eu (default: any)"
+    )
+    parser.add_argument(
+        "--app-rates", default=None, help="per-app rate overrides, e.g. app1:50,app2:5"
+    )
+    parser.add_argument("--default-region", choices=sorted(REGIONS), default=None)
+
+
+def _pairs(text: str, flag: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.rpartition(":")
+        if not sep or not key or not value:
+            raise ValueError(f"{flag}: expected name:value[,name:value...], got {item!r}")
+        pairs.append((key, value))
+    return pairs
+
+
+def settings_from_args(ns: argparse.Namespace) -> SimulatorSettings:
+    """Settings from parsed flags; raises ValueError naming the bad flag or field."""
+    values: dict[str, Any] = {}
+    for name, _ in (*_STRINGS, *_INTS, *_FLOATS):
+        attr = name.replace("-", "_")
+        value = getattr(ns, attr, None)
+        if value is not None:
+            values[attr] = value
+    if getattr(ns, "strict", None):
+        values["strict"] = True
+    if getattr(ns, "default_region", None):
+        values["default_region"] = ns.default_region
+    if getattr(ns, "apps", None):
+        apps: dict[str, Region] = {}
+        for app_id, region in _pairs(ns.apps, "--apps"):
+            if region not in REGIONS:
+                raise ValueError(f"--apps: region of {app_id!r} must be us, eu or br")
+            apps[app_id] = region  # type: ignore[assignment]  # checked just above
+        values["apps"] = apps
+    if getattr(ns, "app_rates", None):
+        try:
+            values["app_rates"] = {a: float(r) for a, r in _pairs(ns.app_rates, "--app-rates")}
+        except ValueError as exc:
+            raise ValueError(f"--app-rates: {exc}") from exc
+    return SimulatorSettings(**values)
+
+
+async def start(settings: SimulatorSettings) -> tuple[web.AppRunner, int]:
+    """Start the simulator on ``settings.host:port``; return the runner and bound port.
+
+    The caller owns the runner and must ``await runner.cleanup()``.
+    """
+    runner = web.AppRunner(make_app(settings), access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        port: int = runner.addresses[0][1]
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, port
+
+
+async def serve(settings: SimulatorSettings, stop: asyncio.Event) -> None:
+    """Run the simulator until ``stop`` is set, then shut it down."""
+    runner, port = await start(settings)
+    try:
+        print(f"simulator listening on http://{settings.host}:{port}", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,613 @@
+"""The simulator's aiohttp application: Sinch OAuth, ``messages:send`` and controls.
+
+Routes (``make_app(settings)``):
+
+- ``POST /oauth2/token``: client-credentials grant with HTTP Basic key_id:key_secret.
+- ``POST /v1/projects/{project_id}/messages:send`` (``default_region``) and
+  ``POST /{region}/v1/projects/{project_id}/messages:send`` (us, eu, br). Point a
+  client at ``http://HOST:PORT/{region}`` as its conversation base URL.
+- ``GET /_sim/stats``, ``GET /_sim/accepted``, ``POST /_sim/config``,
+  ``POST /_sim/hold``, ``POST /_sim/release``, ``POST /_sim/expire-tokens``,
+  ``POST /_sim/reset``, ``POST /_sim/inbound``, ``GET /metrics``.
+
+A send is checked in this order, the first failure answers:
+auth (401; an expired bearer token adds ``www-authenticate: Bearer
+error="invalid_token", error_description="expired"``, an unknown one ``Bearer
+error="invalid_token"``) → project id (404) → body (400 with ``field_violations``)
+→ app exists in the region (404) → hold (the request waits, unanswered, until
+``/_sim/release``; everything below is evaluated after the release) → project cap
+(429) → app limit (429: ingress queue full, or in strict mode the 1-second window
+full) → Basic-auth limit (429) → injected fault (500/503) → accepted (200, after
+``latency_s`` plus up to ``latency_jitter_s``).
+
+Rate accounting uses ``loop.time()``. Limits count *accepted* sends; the
+*received* windows (every send that passed auth) only feed the statistics.
+
+``Retry-After``: every 429 carries it, and only 429s do. Its value is whole
+seconds, at least 1: the ceiling of the exact time after which the limit that
+refused the request would admit it (for the 1-second windows this is always 1).
+Injected 500/503 carry none, because they are random and a hint would be a lie.
+
+``/_sim/reset`` clears counters, windows, queues, the accepted log and the
+duplicate tracking; issued tokens, holds and Prometheus counters (monotonic by
+contract) are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import math
+import random
+import secrets
+import time
+from collections import deque
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from gateway.simulator.callbacks import CallbackDispatcher, rfc3339, ulid
+from gateway.simulator.settings import SimulatorSettings, patch
+from gateway.simulator.windows import LeakyQueue, SlidingWindow
+
+MESSAGE_TYPES: Final = frozenset(
+    {
+        "text_message",
+        "media_message",
+        "template_message",
+        "choice_message",
+        "card_message",
+        "carousel_message",
+        "location_message",
+        "contact_info_message",
+        "list_message",
+    }
+)
+MAX_APP_LABELS: Final = 100
+MAX_DUPLICATE_IDS: Final = 100
+MAX_TOKENS: Final = 100_000
+_JSON: Final = "application/json"
+_EXPIRED: Final = {"www-authenticate": 'Bearer error="invalid_token", error_description="expired"'}
+_INVALID: Final = {"www-authenticate": 'Bearer error="invalid_token"'}
+
+
+class _Metrics:
+    """The simulator's collectors on its own registry, with cached label children."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "sinch_sim_requests_total",
+            "Requests answered by the simulator.",
+            ["endpoint", "code"],
+            registry=registry,
+        )
+        self.accepted = Counter(
+            "sinch_sim_accepted_total",
+            "Sends accepted, by app (first 100 apps, then 'other').",
+            ["app_id"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "sinch_sim_token_requests_total", "Calls to /oauth2/token.", registry=registry
+        )
+        self.callbacks = Counter(
+            "sinch_sim_callbacks_total", "Callback posts by result.", ["result"], registry=registry
+        )
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._accepted: dict[str, Counter] = {}
+
+    def request(self, endpoint: str, code: int) -> None:
+        child = self._requests.get((endpoint, code))
+        if child is None:
+            child = self._requests[endpoint, code] = self.requests.labels(endpoint, str(code))
+        child.inc()
+
+    def accepted_child(self, app_id: str) -> Counter:
+        child = self._accepted.get(app_id)
+        if child is None:
+            label = app_id if len(self._accepted) < MAX_APP_LABELS else "other"
+            child = self.accepted.labels(label)
+            if label != "other":
+                self._accepted[app_id] = child
+        return child
+
+
+class _AppState:
+    __slots__ = ("accepted", "accepted_total", "metric", "queue", "received")
+
+    def __init__(self, now: float, metric: Counter) -> None:
+        self.received = SlidingWindow()
+        self.accepted = SlidingWindow()
+        self.queue = LeakyQueue(now)
+        self.accepted_total = 0
+        self.metric = metric
+
+
+class Simulator:
+    """State and handlers of one simulator app (stored under :data:`SIMULATOR_KEY`)."""
+
+    def __init__(self, settings: SimulatorSettings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.metrics = _Metrics(registry)
+        self.rng = random.Random(settings.seed)  # noqa: S311 - simulation, not crypto
+        self.callbacks = CallbackDispatcher(settings, self.rng, self.metrics.callbacks)
+        self.tokens: dict[str, float] = {}
+        self.token_requests = 0
+        self._hold_all = False
+        self._held_apps: set[str] = set()
+        self._release = asyncio.Event()
+        self.held = 0
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.apps: dict[str, _AppState] = {}
+        self.project_received = SlidingWindow()
+        self.project_accepted = SlidingWindow()
+        self.basic_window = SlidingWindow()
+        self.received_total = 0
+        self.accepted_total = 0
+        self.status_counts: dict[int, int] = {}
+        self.rejected_429 = {"project": 0, "app": 0, "basic": 0}
+        self.accepted_log: deque[tuple[str, str, str | None, str]] = deque(
+            maxlen=self.settings.accepted_log_size
+        )
+        self.accepted_ids: set[str] = set()
+        self.duplicates = 0
+        self.duplicates_accepted = 0
+        self.duplicate_ids: list[str] = []
+        self.first_send: tuple[float, float] | None = None
+        self.last_send: tuple[float, float] | None = None
+
+    # -- responses ---------------------------------------------------------------
+
+    def _answer(
+        self,
+        endpoint: str,
+        status: int,
+        payload: object,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        self.metrics.request(endpoint, status)
+        if endpoint == "send":
+            self.status_counts[status] = self.status_counts.get(status, 0) + 1
+        return web.Response(
+            body=orjson.dumps(payload), status=status, content_type=_JSON, headers=headers
+        )
+
+    def _error(
+        self,
+        endpoint: str,
+        status: int,
+        name: str,
+        message: str,
+        details: list[Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        body = {"code": status, "message": message, "status": name, "details": details or []}
+        return self._answer(endpoint, status, {"error": body}, headers)
+
+    def _too_many(self, scope: str, message: str, wait_s: float) -> web.Response:
+        self.rejected_429[scope] += 1
+        retry = {"Retry-After": str(max(1, math.ceil(wait_s)))}
+        return self._error("send", 429, "RESOURCE_EXHAUSTED", message, headers=retry)
+
+    def _basic_ok(self, header: str) -> bool:
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True)
+        except binascii.Error:
+            return False
+        login, sep, password = decoded.partition(b":")
+        s = self.settings
+        return (
+            bool(sep)
+            & hmac.compare_digest(login, s.key_id.encode())
+            & hmac.compare_digest(password, s.key_secret.encode())
+        )
+
+    # -- Sinch endpoints ---------------------------------------------------------
+
+    async def token(self, request: web.Request) -> web.Response:
+        self.token_requests += 1
+        self.metrics.tokens.inc()
+        if not self._basic_ok(request.headers.get("Authorization", "")):
+            return self._error("token", 401, "UNAUTHENTICATED", "Request had invalid credentials.")
+        form = await request.post()
+        if form.get("grant_type") != "client_credentials":
+            return self._error(
+                "token", 400, "INVALID_ARGUMENT", "grant_type must be client_credentials."
+            )
+        lifetime = self.settings.token_lifetime_s
+        access_token = secrets.token_urlsafe(32)
+        if len(self.tokens) >= MAX_TOKENS:
+            del self.tokens[next(iter(self.tokens))]
+        self.tokens[access_token] = asyncio.get_running_loop().time() + lifetime
+        return self._answer(
+            "token",
+            200,
+            {
+                "access_token": access_token,
+                "expires_in": max(1, int(lifetime)),
+                "scope": "",
+                "token_type": "bearer",
+            },
+        )
+
+    async def send(self, request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        auth = request.headers.get("Authorization", "")
+        basic = False
+        if auth.startswith("Bearer "):
+            expiry = self.tokens.get(auth[7:])
+            if expiry is None or expiry <= now:
+                message = "Request had invalid credentials." if expiry is None else "Token expired."
+                headers = _INVALID if expiry is None else _EXPIRED
+                return self._error("send", 401, "UNAUTHENTICATED", message, headers=headers)
+        elif self._basic_ok(auth):
+            basic = True
+        else:
+            return self._error("send", 401, "UNAUTHENTICATED", "Request had invalid credentials.")
+
+        self.received_total += 1
+        self.project_received.add(now)
+        wall = time.time()
+        if self.first_send is None:
+            self.first_send = (now, wall)
+        self.last_send = (now, wall)
+
+        settings = self.settings
+        if request.match_info["project_id"] != settings.project_id:
+            return self._error("send", 404, "NOT_FOUND", "Project not found.")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._bad_request([_violation("", "Invalid JSON payload received.")])
+        violations = validate_send(body)
+        if violations:
+            return self._bad_request(violations)
+        app_id: str = body["app_id"]
+        app = self.apps.get(app_id)
+        if app is None:
+            app = self.apps[app_id] = _AppState(now, self.metrics.accepted_child(app_id))
+        app.received.add(now)
+        region = request.match_info.get("region", settings.default_region)
+        if settings.region_of(app_id) != region:
+            return self._error("send", 404, "NOT_FOUND", "App not found in this region.")
+
+        correlation = body.get("correlation_id") or body.get("message_metadata")
+        if not isinstance(correlation, str):
+            correlation = None
+        if correlation is not None and correlation in self.accepted_ids:
+            self.duplicates += 1
+            ids = self.duplicate_ids
+            if len(ids) < MAX_DUPLICATE_IDS and correlation not in ids:
+                ids.append(correlation)
+
+        if self._hold_all or self._held_apps:
+            await self._wait_if_held(app_id)
+            now = loop.time()
+            settings = self.settings
+
+        project_cap = max(1, int(settings.project_rate))
+        if self.project_accepted.count(now) >= project_cap:
+            wait = self.project_accepted.wait_s(now, project_cap)
+            return self._too_many("project", "Project rate limit exceeded.", wait)
+        rate = settings.app_rates.get(app_id, settings.app_rate)
+        if settings.strict:
+            app_cap = max(1, int(rate))
+            if app.accepted.count(now) >= app_cap:
+                wait = app.accepted.wait_s(now, app_cap)
+                return self._too_many("app", "App rate limit exceeded.", wait)
+        else:
+            wait = app.queue.wait_s(now, rate, settings.queue_size)
+            if wait > 0.0:
+                return self._too_many("app", "App ingress queue is full.", wait)
+        if basic:
+            basic_cap = max(1, int(settings.basic_auth_rate))
+            if self.basic_window.count(now) >= basic_cap:
+                wait = self.basic_window.wait_s(now, basic_cap)
+                return self._too_many("basic", "Basic authentication rate limit exceeded.", wait)
+        if settings.error_rate > 0.0 and self.rng.random() < settings.error_rate:
+            if self.rng.random() < 0.5:
+                return self._error("send", 500, "INTERNAL", "Internal error (injected).")
+            return self._error("send", 503, "UNAVAILABLE", "Service unavailable (injected).")
+
+        # Accepted: every window and counter is committed before the first await.
+        self.project_accepted.add(now)
+        app.accepted.add(now)
+        if not settings.strict:
+            app.queue.push()
+        if basic:
+            self.basic_window.add(now)
+        message_id = ulid(self.rng)
+        accepted_time = rfc3339()
+        self.accepted_total += 1
+        app.accepted_total += 1
+        app.metric.inc()
+        self.accepted_log.append((message_id, app_id, correlation, accepted_time))
+        if correlation is not None:
+            if correlation in self.accepted_ids:
+                self.duplicates_accepted += 1
+            else:
+                self.accepted_ids.add(correlation)
+        self.callbacks.message_accepted(now, app_id, message_id, accepted_time, body)
+
+        delay = settings.latency_s
+        if settings.latency_jitter_s > 0.0:
+            delay += self.rng.random() * settings.latency_jitter_s
+        if delay > 0.0:
+            await asyncio.sleep(delay)
+        return self._answer("send", 200, {"accepted_time": accepted_time, "message_id": message_id})
+
+    def _bad_request(self, violations: list[dict[str, str]]) -> web.Response:
+        detail = {
+            "@type": "type.googleapis.com/google.rpc.BadRequest",
+            "field_violations": violations,
+        }
+        message = violations[0]["description"]
+        return self._error("send", 400, "INVALID_ARGUMENT", message, details=[detail])
+
+    async def _wait_if_held(self, app_id: str) -> None:
+        while self._hold_all or app_id in self._held_apps:
+            self.held += 1
+            try:
+                await self._release.wait()
+            finally:
+                self.held -= 1
+
+    # -- controls ----------------------------------------------------------------
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return _json(self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``/_sim/stats`` document."""
+        now = asyncio.get_running_loop().time()
+        for window in (self.project_received, self.project_accepted):
+            window.count(now)
+        apps = self.apps
+        counts = self.status_counts
+        return {
+            "received_total": self.received_total,
+            "accepted_total": self.accepted_total,
+            "accepted_by_app": {a: s.accepted_total for a, s in apps.items() if s.accepted_total},
+            "rejected_429": {"total": counts.get(429, 0), **self.rejected_429},
+            "injected_5xx": {
+                "total": counts.get(500, 0) + counts.get(503, 0),
+                "500": counts.get(500, 0),
+                "503": counts.get(503, 0),
+            },
+            "unauthorized_401": counts.get(401, 0),
+            "bad_request_400": counts.get(400, 0),
+            "not_found_404": counts.get(404, 0),
+            "token_requests": self.token_requests,
+            "max_received_per_s": {
+                "project": self.project_received.peak,
+                "by_app": {a: s.received.peak for a, s in apps.items()},
+            },
+            "max_accepted_per_s": {
+                "project": self.project_accepted.peak,
+                "by_app": {a: s.accepted.peak for a, s in apps.items()},
+            },
+            "duplicates": {
+                "total": self.duplicates,
+                "accepted": self.duplicates_accepted,
+                "ids": list(self.duplicate_ids),
+            },
+            "first_send_time": self.first_send[0] if self.first_send else None,
+            "last_send_time": self.last_send[0] if self.last_send else None,
+            "first_send_wall": self.first_send[1] if self.first_send else None,
+            "last_send_wall": self.last_send[1] if self.last_send else None,
+            "held": self.held,
+            "callbacks": dict(self.callbacks.counts),
+            "accepted_log_dropped": self.accepted_total - len(self.accepted_log),
+        }
+
+    async def accepted(self, request: web.Request) -> web.Response:
+        return _json(
+            [
+                {"message_id": m, "app_id": a, "correlation_id": c, "accepted_time": t}
+                for m, a, c, t in self.accepted_log
+            ]
+        )
+
+    async def config(self, request: web.Request) -> web.Response:
+        changes = await _read_object(request)
+        try:
+            if changes is None:
+                raise ValueError("body: must be a JSON object")  # noqa: TRY301
+            self.settings = patch(self.settings, changes)
+        except ValueError as exc:
+            return self._error("sim", 400, "INVALID_ARGUMENT", str(exc))
+        self.callbacks.failed_fraction = self.settings.callback_failed_fraction
+        return _json({name: _plain(getattr(self.settings, name)) for name in sorted(changes)})
+
+    async def hold(self, request: web.Request) -> web.Response:
+        target = await _read_object(request)
+        app_id = (target or {}).get("app_id")
+        if isinstance(app_id, str):
+            self._held_apps.add(app_id)
+        else:
+            self._hold_all = True
+        return _json({"hold_all": self._hold_all, "held_apps": sorted(self._held_apps)})
+
+    async def release(self, request: web.Request) -> web.Response:
+        target = await _read_object(request)
+        app_id = (target or {}).get("app_id")
+        if isinstance(app_id, str):
+            self._held_apps.discard(app_id)
+            self._wake_held()
+        else:
+            self.release_all()
+        return _json({"hold_all": self._hold_all, "held_apps": sorted(self._held_apps)})
+
+    def release_all(self) -> None:
+        """Stop holding anything and wake every held send."""
+        self._hold_all = False
+        self._held_apps.clear()
+        self._wake_held()
+
+    def _wake_held(self) -> None:
+        # Held sends re-check their condition; a fresh event serves the next hold.
+        self._release.set()
+        self._release = asyncio.Event()
+
+    async def expire_tokens(self, request: web.Request) -> web.Response:
+        now = asyncio.get_running_loop().time()
+        tokens = self.tokens
+        for token, expiry in tokens.items():
+            if expiry > now:
+                tokens[token] = now
+        return _json({"expired": len(tokens)})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self._reset_counters()
+        self.token_requests = 0
+        self.callbacks.counts.update(dict.fromkeys(self.callbacks.counts, 0))
+        return _json({"reset": True})
+
+    async def inbound(self, request: web.Request) -> web.Response:
+        data = await _read_object(request) or {}
+        app_id, text = data.get("app_id"), data.get("text")
+        identity = data.get("identity", "46700000000")
+        if not all(isinstance(v, str) and v for v in (app_id, text, identity)):
+            return self._error(
+                "sim", 400, "INVALID_ARGUMENT", "app_id, text and identity must be strings."
+            )
+        if self.settings.callback_url is None:
+            return self._error("sim", 409, "FAILED_PRECONDITION", "No callback_url configured.")
+        message_id = self.callbacks.inbound(str(app_id), str(text), str(identity))
+        if message_id is None:
+            return self._error("sim", 503, "UNAVAILABLE", "Callback queue is full.")
+        return _json({"message_id": message_id})
+
+    async def metrics_view(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+
+def _violation(field: str, description: str) -> dict[str, str]:
+    return {"field": field, "description": description}
+
+
+def validate_send(body: object) -> list[dict[str, str]]:
+    """Field violations of a SendMessageRequest; empty when it is acceptable."""
+    if not isinstance(body, dict):
+        return [_violation("", "The request body must be a JSON object.")]
+    out: list[dict[str, str]] = []
+    app_id = body.get("app_id")
+    if not isinstance(app_id, str) or not app_id:
+        out.append(_violation("app_id", "app_id is required and must be a string."))
+    recipient = body.get("recipient")
+    if not isinstance(recipient, dict):
+        out.append(_violation("recipient", "recipient is required and must be an object."))
+    elif "contact_id" in recipient and "identified_by" in recipient:
+        out.append(_violation("recipient", "Set contact_id or identified_by, not both."))
+    elif "contact_id" in recipient:
+        if not isinstance(recipient["contact_id"], str) or not recipient["contact_id"]:
+            out.append(_violation("recipient.contact_id", "contact_id must be a string."))
+    else:
+        identified = recipient.get("identified_by")
+        ids = identified.get("channel_identities") if isinstance(identified, dict) else None
+        if not isinstance(ids, list) or not ids:
+            out.append(
+                _violation(
+                    "recipient.identified_by.channel_identities",
+                    "Set recipient.contact_id or a non-empty channel_identities list.",
+                )
+            )
+        else:
+            for i, entry in enumerate(ids):
+                ok = isinstance(entry, dict) and all(
+                    isinstance(entry.get(k), str) and entry[k] for k in ("channel", "identity")
+                )
+                if not ok:
+                    out.append(
+                        _violation(
+                            f"recipient.identified_by.channel_identities[{i}]",
+                            "Each channel identity needs string channel and identity.",
+                        )
+                    )
+    message = body.get("message")
+    if not isinstance(message, dict):
+        out.append(_violation("message", "message is required and must be an object."))
+    else:
+        kinds = MESSAGE_TYPES.intersection(message)
+        if len(kinds) != 1:
+            out.append(_violation("message", "Exactly one message type must be set."))
+        else:
+            (kind,) = kinds
+            content = message[kind]
+            if not isinstance(content, dict):
+                out.append(_violation(f"message.{kind}", f"{kind} must be an object."))
+            elif kind == "text_message" and not isinstance(content.get("text"), str):
+                out.append(_violation("message.text_message.text", "text must be a string."))
+    return out
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type=_JSON)
+
+
+def _plain(value: object) -> object:
+    return dict(value) if isinstance(value, dict) else value
+
+
+async def _read_object(request: web.Request) -> dict[str, Any] | None:
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+SIMULATOR_KEY: Final = web.AppKey("sinch_simulator", Simulator)
+REGISTRY_KEY: Final = web.AppKey("sinch_simulator_registry", CollectorRegistry)
+
+
+async def _lifecycle(app: web.Application) -> Any:
+    async with app[SIMULATOR_KEY].callbacks:
+        yield
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[SIMULATOR_KEY].release_all()
+
+
+def make_app(
+    settings: SimulatorSettings, registry: CollectorRegistry | None = None
+) -> web.Application:
+    """Build the simulator application; ``registry`` defaults to a fresh one."""
+    registry = registry if registry is not None else CollectorRegistry()
+    sim = Simulator(settings, registry)
+    app = web.Application()
+    app[SIMULATOR_KEY] = sim
+    app[REGISTRY_KEY] = registry
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_post("/oauth2/token", sim.token)
+    app.router.add_post("/v1/projects/{project_id}/messages:send", sim.send)
+    app.router.add_post("/{region:us|eu|br}/v1/projects/{project_id}/messages:send", sim.send)
+    app.router.add_get("/_sim/stats", sim.stats)
+    app.router.add_get("/_sim/accepted", sim.accepted)
+    app.router.add_post("/_sim/config", sim.config)
+    app.router.add_post("/_sim/hold", sim.hold)
+    app.router.add_post("/_sim/release", sim.release)
+    app.router.add_post("/_sim/expire-tokens", sim.expire_tokens)
+    app.router.add_post("/_sim/reset", sim.reset)
+    app.router.add_post("/_sim/inbound", sim.inbound)
+    app.router.add_get("/metrics", sim.metrics_view)
+    return app

@@ -1,0 +1,163 @@
+"""Simulator configuration: one frozen dataclass, validated on construction.
+
+Runtime changes (``POST /_sim/config``) go through :func:`patch`, which builds a new
+validated instance with ``dataclasses.replace``; nothing mutates a settings object.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Literal, cast
+
+Region = Literal["us", "eu", "br"]
+REGIONS: Final[frozenset[str]] = frozenset({"us", "eu", "br"})
+
+#: Fields that ``POST /_sim/config`` may change while the simulator runs.
+TUNABLE: Final[frozenset[str]] = frozenset(
+    {
+        "error_rate",
+        "latency_s",
+        "latency_jitter_s",
+        "project_rate",
+        "app_rate",
+        "app_rates",
+        "strict",
+        "token_lifetime_s",
+        "callback_failed_fraction",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimulatorSettings:
+    """Everything the simulator needs; durations are float seconds, rates per second.
+
+    ``project_rate`` and the strict-mode app limit are sliding 1-second windows that
+    admit at most ``max(1, floor(rate))`` sends per window. In normal mode an app has
+    an ingress queue of ``queue_size`` messages drained continuously at its rate.
+    ``apps=None`` means every app id exists, in ``default_region``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    project_id: str = "demo-project"
+    key_id: str = "demo-key"
+    key_secret: str = "demo-secret"  # noqa: S105 - the simulator's documented demo credential
+    token_lifetime_s: float = 3600.0
+    project_rate: float = 800
+    app_rate: float = 20.0
+    app_rates: Mapping[str, float] = field(default_factory=dict)
+    queue_size: int = 500_000
+    strict: bool = False
+    apps: Mapping[str, Region] | None = None
+    default_region: Region = "us"
+    error_rate: float = 0.0
+    latency_s: float = 0.0
+    latency_jitter_s: float = 0.0
+    callback_url: str | None = None
+    callback_secret: str | None = None
+    callback_failed_fraction: float = 0.0
+    callback_delay_s: float = 0.05
+    callback_workers: int = 8
+    callback_queue_size: int = 10_000
+    callback_retries: int = 3
+    callback_timeout_s: float = 5.0
+    basic_auth_rate: float = 2.0
+    accepted_log_size: int = 1_000_000
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.host), "host", "must not be empty")
+        _require(0 <= self.port <= 65535, "port", "must be in 0..65535")
+        for name in ("project_id", "key_id", "key_secret"):
+            _require(bool(getattr(self, name)), name, "must not be empty")
+        _positive(self.token_lifetime_s, "token_lifetime_s")
+        _positive(self.project_rate, "project_rate")
+        _positive(self.app_rate, "app_rate")
+        _positive(self.basic_auth_rate, "basic_auth_rate")
+        object.__setattr__(self, "app_rates", dict(self.app_rates))
+        for app_id, rate in self.app_rates.items():
+            _positive(rate, f"app_rates[{app_id!r}]")
+        _require(self.queue_size >= 1, "queue_size", "must be >= 1")
+        _require(self.default_region in REGIONS, "default_region", "must be us, eu or br")
+        if self.apps is not None:
+            object.__setattr__(self, "apps", dict(self.apps))
+            for app_id, region in self.apps.items():
+                _require(region in REGIONS, f"apps[{app_id!r}]", "must be us, eu or br")
+        _fraction(self.error_rate, "error_rate")
+        _fraction(self.callback_failed_fraction, "callback_failed_fraction")
+        for name in ("latency_s", "latency_jitter_s", "callback_delay_s"):
+            value = getattr(self, name)
+            _require(_finite(value) and value >= 0, name, "must be a finite number >= 0")
+        _positive(self.callback_timeout_s, "callback_timeout_s")
+        _require(self.callback_workers >= 1, "callback_workers", "must be >= 1")
+        _require(self.callback_queue_size >= 1, "callback_queue_size", "must be >= 1")
+        _require(self.callback_retries >= 0, "callback_retries", "must be >= 0")
+        _require(self.accepted_log_size >= 0, "accepted_log_size", "must be >= 0")
+        if self.callback_url is not None:
+            _require(
+                self.callback_url.startswith(("http://", "https://")),
+                "callback_url",
+                "must be an http(s) URL",
+            )
+
+    def app_limit(self, app_id: str) -> float:
+        """The rate of ``app_id``: its override or the default ``app_rate``."""
+        return self.app_rates.get(app_id, self.app_rate)
+
+    def region_of(self, app_id: str) -> str | None:
+        """The region an app lives in, or None when the app does not exist."""
+        if self.apps is None:
+            return self.default_region
+        return self.apps.get(app_id)
+
+
+def patch(settings: SimulatorSettings, changes: Mapping[str, Any]) -> SimulatorSettings:
+    """Return ``settings`` with the tunable ``changes`` applied (validated).
+
+    ``app_rates`` is merged key by key; a ``null`` rate removes that override.
+    Raises ValueError naming the offending field.
+    """
+    unknown = sorted(set(changes) - TUNABLE)
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not a tunable setting")
+    updates = dict(changes)
+    for name, value in changes.items():
+        if name == "strict":
+            _require(isinstance(value, bool), name, "must be a boolean")
+        elif name == "app_rates":
+            _require(isinstance(value, dict), name, "must be an object of app_id to rate")
+            merged = dict(settings.app_rates)
+            for app_id, rate in cast(dict[str, object], value).items():
+                if rate is None:
+                    merged.pop(app_id, None)
+                else:
+                    _require(_is_number(rate), f"app_rates[{app_id!r}]", "must be a number")
+                    merged[app_id] = float(cast(float, rate))
+            updates[name] = merged
+        else:
+            _require(_is_number(value), name, "must be a number")
+    return replace(settings, **updates)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite(value: object) -> bool:
+    return _is_number(value) and math.isfinite(cast(float, value))
+
+
+def _require(ok: bool, name: str, problem: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {problem}")
+
+
+def _positive(value: float, name: str) -> None:
+    _require(_finite(value) and value > 0, name, "must be a finite number > 0")
+
+
+def _fraction(value: float, name: str) -> None:
+    _require(_finite(value) and 0.0 <= value <= 1.0, name, "must be between 0 and 1")

@@ -1,0 +1,703 @@
+"""The Sinch simulator against real in-process servers (pytest-aiohttp)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import encode_basic_auth, web
+from aiohttp.test_utils import TestClient, TestServer
+from sinch.domains.conversation.sinch_events.v1.conversation_sinch_event import (
+    ConversationSinchEvent,
+)
+
+from gateway.simulator import cli
+from gateway.simulator.callbacks import sign, ulid
+from gateway.simulator.server import SIMULATOR_KEY, make_app
+from gateway.simulator.settings import SimulatorSettings, patch
+from gateway.simulator.windows import LeakyQueue, SlidingWindow
+
+Client = TestClient[web.Request, web.Application]
+SimFactory = Callable[..., Awaitable[Client]]
+
+BASIC = encode_basic_auth("demo-key", "demo-secret")
+SEND = "/us/v1/projects/demo-project/messages:send"
+VECTOR = Path("/work/shared/seed/webhook-signature-vector.json")
+ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+@pytest.fixture
+def sim(aiohttp_client: Any) -> SimFactory:
+    async def factory(**overrides: Any) -> Client:
+        client: Client = await aiohttp_client(make_app(SimulatorSettings(**overrides)))
+        return client
+
+    return factory
+
+
+def body(app_id: str = "app-1", **extra: Any) -> dict[str, Any]:
+    return {
+        "app_id": app_id,
+        "recipient": {
+            "identified_by": {"channel_identities": [{"channel": "SMS", "identity": "46701"}]}
+        },
+        "message": {"text_message": {"text": "hello"}},
+        **extra,
+    }
+
+
+async def get_token(client: Client) -> str:
+    resp = await client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials"}, headers={"Authorization": BASIC}
+    )
+    assert resp.status == 200
+    data = await resp.json()
+    return str(data["access_token"])
+
+
+async def send(
+    client: Client, token: str, payload: Any = None, path: str = SEND, **extra: Any
+) -> tuple[int, Any, Any]:
+    resp = await client.post(
+        path,
+        json=body(**extra) if payload is None else payload,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    return resp.status, await resp.json(), resp.headers
+
+
+async def stats(client: Client) -> dict[str, Any]:
+    resp = await client.get("/_sim/stats")
+    result: dict[str, Any] = await resp.json()
+    return result
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        assert loop.time() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.01)
+
+
+def assert_error(data: Any, code: int, status: str) -> None:
+    assert data["error"]["code"] == code
+    assert data["error"]["status"] == status
+    assert isinstance(data["error"]["message"], str)
+    assert isinstance(data["error"]["details"], list)
+
+
+# -- settings and windows ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"error_rate": 1.5}, "error_rate"),
+        ({"app_rate": 0}, "app_rate"),
+        ({"apps": {"a": "asia"}}, "apps['a']"),
+        ({"port": 70000}, "port"),
+        ({"callback_url": "ftp://x"}, "callback_url"),
+        ({"app_rates": {"a": -1}}, "app_rates['a']"),
+    ],
+)
+def test_settings_reject_bad_values_naming_the_field(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(field)):
+        SimulatorSettings(**overrides)
+
+
+def test_patch_merges_app_rates_and_rejects_unknown_keys() -> None:
+    base = SimulatorSettings(app_rates={"a": 5.0, "b": 6.0})
+    changed = patch(base, {"app_rates": {"a": None, "c": 7}, "strict": True})
+    assert changed.app_rates == {"b": 6.0, "c": 7.0}
+    assert changed.strict
+    with pytest.raises(ValueError, match="host"):
+        patch(base, {"host": "0.0.0.0"})
+    with pytest.raises(ValueError, match="strict"):
+        patch(base, {"strict": 1})
+
+
+def test_sliding_window_is_exact() -> None:
+    window = SlidingWindow(1.0)
+    for t in (0.0, 0.1, 0.5, 0.9):
+        window.add(t)
+    assert window.count(0.95) == 4
+    assert window.count(1.0) == 3  # the event at 0.0 has left (t > now - 1)
+    assert window.wait_s(1.0, 3) == pytest.approx(0.1)
+    assert window.add(1.15) == 3  # 0.5, 0.9, 1.15
+    assert window.peak == 4
+
+
+def test_leaky_queue_drains_at_rate() -> None:
+    queue = LeakyQueue(0.0)
+    assert queue.wait_s(0.0, 2.0, 2) == 0.0
+    queue.push()
+    queue.push()
+    assert queue.wait_s(0.0, 2.0, 2) == pytest.approx(0.5)
+    assert queue.wait_s(0.5, 2.0, 2) == 0.0
+    assert queue.depth == pytest.approx(1.0)
+
+
+# -- OAuth -------------------------------------------------------------------------
+
+
+async def test_token_issue_and_bad_credentials(sim: SimFactory) -> None:
+    client = await sim(token_lifetime_s=120.5)
+    resp = await client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials"}, headers={"Authorization": BASIC}
+    )
+    data = await resp.json()
+    assert resp.status == 200
+    assert set(data) == {"access_token", "expires_in", "scope", "token_type"}
+    assert data["expires_in"] == 120
+    assert data["token_type"] == "bearer"
+    assert data["scope"] == ""
+
+    wrong = encode_basic_auth("demo-key", "nope")
+    for headers in ({"Authorization": wrong}, {}):
+        resp = await client.post(
+            "/oauth2/token", data={"grant_type": "client_credentials"}, headers=headers
+        )
+        assert resp.status == 401
+        assert_error(await resp.json(), 401, "UNAUTHENTICATED")
+
+    resp = await client.post(
+        "/oauth2/token", data={"grant_type": "password"}, headers={"Authorization": BASIC}
+    )
+    assert resp.status == 400
+    assert_error(await resp.json(), 400, "INVALID_ARGUMENT")
+    assert (await stats(client))["token_requests"] == 4
+
+
+async def test_token_expires_after_its_fractional_lifetime(sim: SimFactory) -> None:
+    client = await sim(token_lifetime_s=0.2)
+    token = await get_token(client)
+    status, _, _ = await send(client, token)
+    assert status == 200
+    await asyncio.sleep(0.25)
+    status, data, headers = await send(client, token)
+    assert status == 401
+    assert_error(data, 401, "UNAUTHENTICATED")
+    assert "expired" in headers["www-authenticate"]
+
+
+async def test_expire_tokens_endpoint(sim: SimFactory) -> None:
+    client = await sim()
+    token = await get_token(client)
+    assert (await send(client, token))[0] == 200
+    resp = await client.post("/_sim/expire-tokens")
+    assert resp.status == 200
+    status, _, headers = await send(client, token)
+    assert status == 401
+    assert (
+        headers["www-authenticate"] == 'Bearer error="invalid_token", error_description="expired"'
+    )
+    assert (await send(client, await get_token(client)))[0] == 200
+
+
+async def test_send_401_bodies(sim: SimFactory) -> None:
+    client = await sim()
+    resp = await client.post(SEND, json=body())
+    assert resp.status == 401
+    assert_error(await resp.json(), 401, "UNAUTHENTICATED")
+    assert "expired" not in resp.headers.get("www-authenticate", "")
+    status, data, headers = await send(client, "not-a-token")
+    assert status == 401
+    assert_error(data, 401, "UNAUTHENTICATED")
+    assert "expired" not in headers["www-authenticate"]
+    assert (await stats(client))["unauthorized_401"] == 2
+
+
+# -- send validation and routing -----------------------------------------------------
+
+
+async def test_send_success_shape(sim: SimFactory) -> None:
+    client = await sim()
+    token = await get_token(client)
+    status, data, _ = await send(client, token)
+    assert status == 200
+    assert set(data) == {"accepted_time", "message_id"}
+    assert ULID_RE.match(data["message_id"])
+    assert TIME_RE.match(data["accepted_time"])
+    resp = await client.post(
+        "/v1/projects/demo-project/messages:send",
+        json=body(recipient={"contact_id": "c-1"}),
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        (b"{not json", ""),
+        ([1, 2], ""),
+        ({**body(), "app_id": 5}, "app_id"),
+        ({**body(), "recipient": {}}, "recipient.identified_by.channel_identities"),
+        (
+            {
+                **body(),
+                "recipient": {"identified_by": {"channel_identities": [{"channel": "SMS"}]}},
+            },
+            "recipient.identified_by.channel_identities[0]",
+        ),
+        ({**body(), "message": {"text_message": {"text": "a"}, "media_message": {}}}, "message"),
+        ({**body(), "message": {"unknown_message": {}}}, "message"),
+        ({**body(), "message": {"text_message": {}}}, "message.text_message.text"),
+    ],
+)
+async def test_send_400_field_violations(sim: SimFactory, payload: Any, field: str) -> None:
+    client = await sim()
+    token = await get_token(client)
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    resp = await client.post(
+        SEND,
+        data=data,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    assert resp.status == 400
+    error = await resp.json()
+    assert_error(error, 400, "INVALID_ARGUMENT")
+    (detail,) = error["error"]["details"]
+    assert detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    assert field in [v["field"] for v in detail["field_violations"]]
+    assert all(v["description"] for v in detail["field_violations"])
+
+
+async def test_send_404_project_app_and_region(sim: SimFactory) -> None:
+    client = await sim(apps={"app-us": "us", "app-eu": "eu"})
+    token = await get_token(client)
+    status, data, _ = await send(client, token, path=SEND.replace("demo-project", "other"))
+    assert (status, data["error"]["status"]) == (404, "NOT_FOUND")
+    status, data, _ = await send(client, token, app_id="ghost")
+    assert (status, data["error"]["status"]) == (404, "NOT_FOUND")
+    status, data, _ = await send(client, token, app_id="app-eu")
+    assert (status, data["error"]["status"]) == (404, "NOT_FOUND")
+    bare = "/v1/projects/demo-project/messages:send"
+    assert (await send(client, token, path=bare, app_id="app-eu"))[0] == 404
+    assert (await send(client, token, path=bare, app_id="app-us"))[0] == 200
+    eu = "/eu/v1/projects/demo-project/messages:send"
+    assert (await send(client, token, path=eu, app_id="app-eu"))[0] == 200
+    assert (await stats(client))["not_found_404"] == 4
+
+
+# -- rate limits ---------------------------------------------------------------------
+
+
+async def test_strict_mode_429_over_the_app_rate(sim: SimFactory) -> None:
+    client = await sim(strict=True, app_rate=5.0)
+    token = await get_token(client)
+    results = [await send(client, token) for _ in range(7)]
+    assert [r[0] for r in results] == [200] * 5 + [429, 429]
+    _, data, headers = results[5]
+    assert_error(data, 429, "RESOURCE_EXHAUSTED")
+    assert data["error"]["details"] == []
+    assert headers["Retry-After"] == "1"
+    assert (await send(client, token, app_id="app-2"))[0] == 200  # other apps unaffected
+    counters = await stats(client)
+    assert counters["rejected_429"] == {"total": 2, "project": 0, "app": 2, "basic": 0}
+    assert counters["max_received_per_s"]["by_app"]["app-1"] == 7
+    assert counters["max_accepted_per_s"]["by_app"]["app-1"] == 5
+
+
+async def test_strict_mode_no_429_when_paced_just_under(sim: SimFactory) -> None:
+    client = await sim(strict=True, app_rate=10.0)
+    token = await get_token(client)
+    for _ in range(14):
+        status, _, _ = await send(client, token)
+        assert status == 200
+        await asyncio.sleep(0.11)
+    counters = await stats(client)
+    assert counters["rejected_429"]["total"] == 0
+    assert counters["max_accepted_per_s"]["by_app"]["app-1"] <= 10
+
+
+async def test_project_cap_429_across_apps(sim: SimFactory) -> None:
+    client = await sim(project_rate=4, app_rate=100.0)
+    token = await get_token(client)
+    statuses = [(await send(client, token, app_id=f"app-{i % 2}"))[0] for i in range(6)]
+    assert statuses == [200] * 4 + [429, 429]
+    status, data, headers = await send(client, token, app_id="app-9")
+    assert status == 429
+    assert_error(data, 429, "RESOURCE_EXHAUSTED")
+    assert headers["Retry-After"] == "1"
+    counters = await stats(client)
+    assert counters["rejected_429"]["project"] == 3
+    assert counters["max_received_per_s"]["project"] == 7
+    assert counters["max_accepted_per_s"]["project"] == 4
+
+
+async def test_normal_mode_queue_full_429(sim: SimFactory) -> None:
+    client = await sim(queue_size=3, app_rate=0.5)
+    token = await get_token(client)
+    statuses = [(await send(client, token))[0] for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    status, data, headers = await send(client, token)
+    assert status == 429
+    assert data["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert 1 <= int(headers["Retry-After"]) <= 2  # one message drains in 2 s
+    assert (await stats(client))["rejected_429"]["app"] == 3
+
+
+async def test_basic_auth_sends_are_heavily_limited(sim: SimFactory) -> None:
+    client = await sim(basic_auth_rate=2.0)
+    statuses = []
+    for _ in range(4):
+        resp = await client.post(SEND, json=body(), headers={"Authorization": BASIC})
+        statuses.append(resp.status)
+    assert statuses == [200, 200, 429, 429]
+    resp = await client.post(
+        SEND, json=body(), headers={"Authorization": encode_basic_auth("demo-key", "x")}
+    )
+    assert resp.status == 401
+    assert (await stats(client))["rejected_429"]["basic"] == 2
+
+
+async def test_error_rate_one_gives_only_5xx(sim: SimFactory) -> None:
+    client = await sim(error_rate=1.0, seed=7)
+    token = await get_token(client)
+    seen = set()
+    for _ in range(30):
+        status, data, headers = await send(client, token)
+        assert status in (500, 503)
+        assert_error(data, status, "INTERNAL" if status == 500 else "UNAVAILABLE")
+        assert "Retry-After" not in headers
+        seen.add(status)
+    assert seen == {500, 503}
+    counters = await stats(client)
+    assert counters["injected_5xx"]["total"] == 30
+    assert counters["accepted_total"] == 0
+
+
+async def test_runtime_config_patch(sim: SimFactory) -> None:
+    client = await sim()
+    token = await get_token(client)
+    resp = await client.post("/_sim/config", json={"error_rate": 1.0, "app_rates": {"x": 3}})
+    assert resp.status == 200
+    assert await resp.json() == {"app_rates": {"x": 3.0}, "error_rate": 1.0}
+    assert (await send(client, token))[0] in (500, 503)
+    await client.post("/_sim/config", json={"error_rate": 0})
+    assert (await send(client, token))[0] == 200
+    for bad in ({"error_rate": 2}, {"port": 1}, {"strict": "yes"}):
+        resp = await client.post("/_sim/config", json=bad)
+        assert resp.status == 400
+        assert_error(await resp.json(), 400, "INVALID_ARGUMENT")
+    await client.post("/_sim/config", json={"strict": True, "app_rate": 1})
+    assert [(await send(client, token, app_id="z"))[0] for _ in range(2)] == [200, 429]
+
+
+async def test_latency_is_added(sim: SimFactory) -> None:
+    client = await sim(latency_s=0.1)
+    token = await get_token(client)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert (await send(client, token))[0] == 200
+    assert loop.time() - started >= 0.1
+
+
+# -- hold, stats, accepted log, metrics ----------------------------------------------
+
+
+async def test_hold_and_release(sim: SimFactory) -> None:
+    client = await sim()
+    token = await get_token(client)
+    resp = await client.post("/_sim/hold", json={"app_id": "app-1"})
+    assert await resp.json() == {"hold_all": False, "held_apps": ["app-1"]}
+    held = asyncio.create_task(send(client, token))
+
+    async def one_held() -> bool:
+        return bool((await stats(client))["held"] == 1)
+
+    await wait_for(one_held)
+    assert (await send(client, token, app_id="app-2"))[0] == 200  # other apps flow
+    assert not held.done()
+    await client.post("/_sim/release", json={})
+    status, _, _ = await asyncio.wait_for(held, 5)
+    assert status == 200
+
+    await client.post("/_sim/hold", json={})
+    held = asyncio.create_task(send(client, token, app_id="app-3"))
+    await wait_for(one_held)
+    await client.post("/_sim/release")
+    assert (await asyncio.wait_for(held, 5))[0] == 200
+    assert (await stats(client))["held"] == 0
+
+
+async def test_stats_duplicates_and_accepted_log(sim: SimFactory) -> None:
+    client = await sim()
+    token = await get_token(client)
+    ids = []
+    for cid in ("r-1", "r-2", "r-1", "r-1"):
+        status, data, _ = await send(client, token, correlation_id=cid)
+        assert status == 200
+        ids.append(data["message_id"])
+    status, data, _ = await send(client, token, app_id="app-2", message_metadata="r-2")
+    ids.append(data["message_id"])
+    await send(client, token, app_id="app-2")  # no id: never a duplicate
+    counters = await stats(client)
+    assert counters["duplicates"] == {"total": 3, "accepted": 3, "ids": ["r-1", "r-2"]}
+    assert counters["accepted_total"] == 6
+    assert counters["accepted_by_app"] == {"app-1": 4, "app-2": 2}
+    assert counters["max_received_per_s"]["project"] == 6
+    assert counters["max_accepted_per_s"]["by_app"] == {"app-1": 4, "app-2": 2}
+    assert counters["first_send_time"] <= counters["last_send_time"]
+    assert counters["first_send_wall"] <= counters["last_send_wall"]
+
+    log = await (await client.get("/_sim/accepted")).json()
+    assert [e["message_id"] for e in log[:5]] == ids
+    assert [e["correlation_id"] for e in log] == ["r-1", "r-2", "r-1", "r-1", "r-2", None]
+    assert {e["app_id"] for e in log} == {"app-1", "app-2"}
+    assert all(TIME_RE.match(e["accepted_time"]) for e in log)
+
+    await client.post("/_sim/reset")
+    counters = await stats(client)
+    assert counters["accepted_total"] == 0
+    assert counters["duplicates"]["total"] == 0
+    assert counters["max_received_per_s"]["project"] == 0
+    assert await (await client.get("/_sim/accepted")).json() == []
+    assert (await send(client, token, correlation_id="r-1"))[0] == 200  # token kept
+    assert (await stats(client))["duplicates"]["total"] == 0
+
+
+async def test_metrics_use_own_registry_and_cap_app_labels(sim: SimFactory) -> None:
+    client = await sim(project_rate=1000, app_rate=100.0)
+    token = await get_token(client)
+    for i in range(102):
+        assert (await send(client, token, app_id=f"app-{i}"))[0] == 200
+    await send(client, "bad")
+    text = await (await client.get("/metrics")).text()
+    assert 'sinch_sim_requests_total{code="200",endpoint="send"} 102.0' in text
+    assert 'sinch_sim_requests_total{code="401",endpoint="send"} 1.0' in text
+    assert 'sinch_sim_accepted_total{app_id="other"} 2.0' in text
+    assert 'sinch_sim_accepted_total{app_id="app-99"} 1.0' in text
+    assert "sinch_sim_token_requests_total 1.0" in text
+    assert text.count("sinch_sim_accepted_total{") == 101
+    assert "sinch_sim_callbacks_total" in text
+
+
+def test_ulid_shape() -> None:
+    import random
+
+    rng = random.Random(1)
+    ids = {ulid(rng) for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(ULID_RE.match(i) for i in ids)
+
+
+# -- callbacks -----------------------------------------------------------------------
+
+
+def test_signature_matches_the_public_vector() -> None:
+    vector = json.loads(VECTOR.read_text())
+    body_bytes = vector["body"].encode()
+    signature = sign(vector["secret"], body_bytes, vector["nonce"], vector["timestamp"])
+    assert signature == vector["signature"]
+    headers = {
+        "x-sinch-webhook-signature": signature,
+        "x-sinch-webhook-signature-nonce": vector["nonce"],
+        "x-sinch-webhook-signature-timestamp": vector["timestamp"],
+    }
+    validator = ConversationSinchEvent(vector["secret"])
+    assert validator.validate_authentication_header(headers, body_bytes)
+    assert not ConversationSinchEvent("other").validate_authentication_header(headers, body_bytes)
+
+
+class Receiver:
+    """A webhook that records callbacks; the first ``fail_first`` posts get a 500."""
+
+    def __init__(self, secret: str, fail_first: int = 0) -> None:
+        self.validator = ConversationSinchEvent(secret)
+        self.events: list[dict[str, Any]] = []
+        self.valid: list[bool] = []
+        self.fail_first = fail_first
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return web.Response(status=500)
+        await self.gate.wait()
+        headers = dict(request.headers)
+        self.valid.append(self.validator.validate_authentication_header(headers, raw))
+        event = self.validator.parse_event(raw, headers)
+        self.events.append({"raw": json.loads(raw), "parsed": event})
+        return web.Response(status=200)
+
+
+@pytest.fixture
+def receiver_url(aiohttp_server: Any) -> Callable[[Receiver], Awaitable[str]]:
+    async def start(receiver: Receiver) -> str:
+        app = web.Application()
+        app.router.add_post("/webhooks/sinch", receiver.handle)
+        server: TestServer = await aiohttp_server(app)
+        return str(server.make_url("/webhooks/sinch"))
+
+    return start
+
+
+async def test_callbacks_are_signed_and_sdk_parsable(
+    sim: SimFactory, receiver_url: Callable[[Receiver], Awaitable[str]]
+) -> None:
+    receiver = Receiver("s3cret")
+    client = await sim(
+        callback_url=await receiver_url(receiver), callback_secret="s3cret", callback_delay_s=0.05
+    )
+    token = await get_token(client)
+    status, data, _ = await send(client, token, correlation_id="req-1", message_metadata="meta")
+    assert status == 200
+
+    async def received(n: int) -> bool:
+        return len(receiver.events) >= n
+
+    await wait_for(lambda: received(2))
+    reports = [e["raw"] for e in receiver.events]
+    assert [r["message_delivery_report"]["status"] for r in reports] == [
+        "QUEUED_ON_CHANNEL",
+        "DELIVERED",
+    ]
+    first = reports[0]
+    assert first["app_id"] == "app-1"
+    assert first["project_id"] == "demo-project"
+    assert first["correlation_id"] == "req-1"
+    assert first["message_metadata"] == "meta"
+    assert first["accepted_time"] == data["accepted_time"]
+    dr = first["message_delivery_report"]
+    assert dr["message_id"] == data["message_id"]
+    assert dr["channel_identity"] == {"channel": "SMS", "identity": "46701", "app_id": "app-1"}
+    assert dr["processing_mode"] == "CONVERSATION"
+    assert type(receiver.events[0]["parsed"]).__name__ == "MessageDeliveryReceiptEvent"
+    assert all(receiver.valid)
+
+    await client.post("/_sim/config", json={"callback_failed_fraction": 1.0})
+    await send(client, token, recipient={"contact_id": "c-9"})
+    await wait_for(lambda: received(4))
+    failed = receiver.events[3]["raw"]["message_delivery_report"]
+    assert failed["status"] == "FAILED"
+    assert failed["reason"]["code"] == "RECIPIENT_NOT_REACHABLE"
+    assert failed["contact_id"] == "c-9"
+
+    resp = await client.post(
+        "/_sim/inbound", json={"app_id": "app-1", "text": "hi", "identity": "46702"}
+    )
+    assert resp.status == 200
+    await wait_for(lambda: received(5))
+    inbound = receiver.events[4]["raw"]
+    assert inbound["message"]["direction"] == "TO_APP"
+    assert inbound["message"]["contact_message"] == {"text_message": {"text": "hi"}}
+    assert inbound["message"]["id"] == (await resp.json())["message_id"]
+    assert type(receiver.events[4]["parsed"]).__name__ == "MessageInboundEvent"
+    assert all(receiver.valid)
+    counts = (await stats(client))["callbacks"]
+    assert counts == {"ok": 5, "retry": 0, "failed": 0, "dropped": 0}
+
+
+async def test_callbacks_retry_then_succeed(
+    sim: SimFactory, receiver_url: Callable[[Receiver], Awaitable[str]]
+) -> None:
+    receiver = Receiver("k", fail_first=2)
+    client = await sim(callback_url=await receiver_url(receiver), callback_secret="k")
+    resp = await client.post("/_sim/inbound", json={"app_id": "app-1", "text": "yo"})
+    assert resp.status == 200
+
+    async def delivered() -> bool:
+        return bool((await stats(client))["callbacks"]["ok"] == 1)
+
+    await wait_for(delivered)
+    assert (await stats(client))["callbacks"]["retry"] == 2
+    assert receiver.valid == [True]
+    text = await (await client.get("/metrics")).text()
+    assert 'sinch_sim_callbacks_total{result="retry"} 2.0' in text
+
+
+async def test_callback_queue_full_drops_without_slowing_sends(
+    sim: SimFactory, receiver_url: Callable[[Receiver], Awaitable[str]]
+) -> None:
+    receiver = Receiver("k")
+    receiver.gate.clear()
+    client = await sim(
+        callback_url=await receiver_url(receiver),
+        callback_workers=1,
+        callback_queue_size=2,
+        callback_delay_s=60.0,
+    )
+    token = await get_token(client)
+    for _ in range(6):
+        assert (await send(client, token))[0] == 200
+    counts = (await stats(client))["callbacks"]
+    assert counts["dropped"] >= 6
+    receiver.gate.set()
+    resp = await client.post("/_sim/inbound", json={"app_id": "a", "text": "t"})
+    assert resp.status in (200, 503)
+
+
+async def test_inbound_without_callback_url_is_409(sim: SimFactory) -> None:
+    client = await sim()
+    resp = await client.post("/_sim/inbound", json={"app_id": "a", "text": "t"})
+    assert resp.status == 409
+    resp = await client.post("/_sim/inbound", json={"app_id": 1})
+    assert resp.status == 400
+
+
+# -- CLI -----------------------------------------------------------------------------
+
+
+def test_cli_flags_to_settings() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    ns = parser.parse_args(
+        [
+            "--port", "9999", "--project-rate", "5", "--strict", "--apps", "a1:us,a2:eu",
+            "--app-rates", "a1:50", "--error-rate", "0.1", "--callback-url", "http://x/y",
+        ]
+    )  # fmt: skip
+    settings = cli.settings_from_args(ns)
+    assert settings.port == 9999
+    assert settings.project_rate == 5
+    assert settings.strict
+    assert settings.apps == {"a1": "us", "a2": "eu"}
+    assert settings.app_rates == {"a1": 50.0}
+    assert settings.error_rate == 0.1
+    assert settings.callback_url == "http://x/y"
+    assert cli.settings_from_args(parser.parse_args([])) == SimulatorSettings()
+    with pytest.raises(ValueError, match="--apps"):
+        cli.settings_from_args(parser.parse_args(["--apps", "a1:asia"]))
+    with pytest.raises(ValueError, match="error_rate"):
+        cli.settings_from_args(parser.parse_args(["--error-rate", "3"]))
+
+
+async def test_cli_serve_runs_until_stopped(capsys: pytest.CaptureFixture[str]) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(cli.serve(SimulatorSettings(), stop))
+
+    async def listening() -> bool:
+        return "simulator listening on http://127.0.0.1:" in capsys.readouterr().out
+
+    line_seen = False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not line_seen:
+        assert loop.time() < deadline
+        line_seen = await listening()
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_cli_start_returns_the_bound_port() -> None:
+    runner, port = await cli.start(SimulatorSettings())
+    try:
+        assert port > 0
+        app = runner.app
+        assert isinstance(app, web.Application)
+        assert app[SIMULATOR_KEY].settings.port == 0
+    finally:
+        await runner.cleanup()
