@@ -22,6 +22,7 @@ import time
 from contextlib import AsyncExitStack
 
 import aiohttp
+from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
@@ -37,6 +38,9 @@ from gateway.producer import Publisher, ensure_topics
 from gateway.settings import Settings
 from gateway.sinch import SinchClient
 from gateway.tokens import BasicAuth, TokenManager, TokenSource
+from gateway.webhooks import WebhookReceiver
+
+WEBHOOK_PATH = "/webhooks/sinch"
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class Gateway:
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, max_app_labels=settings.max_app_labels)
         self.http_port: int | None = None
+        self.webhook_port: int | None = None
         self.ready = asyncio.Event()
         self.started = asyncio.Event()
         self.intake: Intake | None = None
@@ -107,9 +112,17 @@ class Gateway:
         clock = loop.time
         m = self.metrics
         async with AsyncExitStack() as stack:
-            admin_runner, self.http_port = await start_site(
-                make_admin_app(self.registry, self._health()), s.http_host, s.http_port
-            )
+            receiver = WebhookReceiver(s, m)
+            admin = make_admin_app(self.registry, self._health())
+            if s.webhook_port is None:
+                admin.router.add_post(WEBHOOK_PATH, receiver.handle)
+            else:
+                hooks = web.Application()
+                hooks.router.add_post(WEBHOOK_PATH, receiver.handle)
+                hooks_runner, self.webhook_port = await start_site(hooks, s.http_host,
+                                                                   s.webhook_port)  # fmt: skip
+                stack.push_async_callback(hooks_runner.cleanup)
+            admin_runner, self.http_port = await start_site(admin, s.http_host, s.http_port)
             stack.push_async_callback(admin_runner.cleanup)
             log.info("admin server on %s:%d", s.http_host, self.http_port)
 
@@ -149,6 +162,7 @@ class Gateway:
             if stop.is_set():
                 return
             stack.push_async_callback(publisher.stop)
+            receiver.attach(publisher)
 
             sent_ids = RecentIds(s.dedupe_size, s.dedupe_ttl_s, clock)
             intake_ref: list[Intake] = []
@@ -160,6 +174,7 @@ class Gateway:
                 settings=s, sinch=SinchClient(s, sinch_session), tokens=tokens,
                 publisher=publisher, metrics=m, sent_ids=sent_ids, clock=clock,
                 on_finished=finished, on_auth_refused=self._auth_refused,
+                on_sent=receiver.record_sent,
             )  # fmt: skip
             lanes = self._make_lanes(delivery, clock)
             self.lanes = lanes

@@ -92,6 +92,7 @@ class Delivery:
         on_finished: Callable[[Request], None],
         feedback: RateFeedback | None = None,
         on_auth_refused: Callable[[str], None] | None = None,
+        on_sent: Callable[[str, str], None] | None = None,
     ) -> None:
         self._s = settings
         self._sinch = sinch
@@ -103,6 +104,7 @@ class Delivery:
         self._on_finished = on_finished
         self._feedback = feedback
         self._on_auth_refused = on_auth_refused
+        self._on_sent = on_sent
         self.app_pause_s = 30.0
 
     async def gate(self) -> None:
@@ -147,6 +149,8 @@ class Delivery:
         if req.timestamp_ms:
             self._m.e2e.observe(max(0.0, time.time() - req.timestamp_ms / 1000))
         self._sent_ids.add(req.request_id)
+        if self._on_sent is not None:
+            self._on_sent(req.request_id, accepted.message_id)
         record = result_record(
             request_id=req.request_id, status=Status.SENT, app_id=req.app_id,
             attempts=req.attempts, http_status=200, message_id=accepted.message_id,
@@ -155,7 +159,15 @@ class Delivery:
                      "sinch_s": round(now - started, 6)},
             partition=req.partition, offset=req.offset,
         )  # fmt: skip
-        await self._finish(req, Status.SENT, [(s.results_topic, record, None, None)])
+        status_doc = orjson.dumps(
+            {"request_id": req.request_id, "message_id": accepted.message_id, "status": "sent",
+             "app_id": req.app_id, "event_time": accepted.accepted_time}
+        )  # fmt: skip
+        await self._finish(
+            req,
+            Status.SENT,
+            [(s.results_topic, record, None, None), (s.status_topic, status_doc, None, None)],
+        )
 
     async def _after_error(
         self, req: Request, lane: Lane, exc: Exception, decision: Decision, header: str
