@@ -43,3 +43,84 @@ async def test_300_requests_over_6_apps_sent_once_with_results_and_commits(
     assert all(d["message_id"] == by_id[d["request_id"]] for d in docs_out)
     total = await committed_total(broker.bootstrap, settings.requests_topic, settings.group_id, 3)
     assert total == 300
+
+
+async def test_malformed_records_go_to_the_dlq_and_good_ones_are_sent(
+    broker, simulator_factory, topics, caplog
+):
+    caplog.set_level("DEBUG")
+    sim = await simulator_factory(app_rate=100)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=100)
+    good = requests_for(["a1", "a2"], 40)
+    base = orjson.loads(good[0][1])
+    bad_docs = [
+        b"not json at all",
+        b'{"request_id": "x", "payload": {',
+        b"\xff\xfe\xfa invalid utf-8",
+        orjson.dumps({k: v for k, v in base.items() if k != "request_id"}),
+        orjson.dumps({**base, "request_id": "no-app", "payload": {**base["payload"],
+                                                                  "app_id": None}}),
+        orjson.dumps({**base, "request_id": "no-recipient",
+                      "payload": {k: v for k, v in base["payload"].items() if k != "recipient"}}),
+        orjson.dumps({**base, "request_id": "no-message",
+                      "payload": {k: v for k, v in base["payload"].items() if k != "message"}}),
+        orjson.dumps({**base, "request_id": 12345}),
+        orjson.dumps({**base, "request_id": "bad-prio", "priority": "urgent"}),
+    ]  # fmt: skip
+    mixed: list[tuple[bytes | None, bytes]] = []
+    for i, doc in enumerate(good):
+        mixed.append(doc)
+        if i < len(bad_docs):
+            mixed.append((b"k", bad_docs[i]))
+    async with running(settings):
+        await publish(broker.bootstrap, settings.requests_topic, mixed)
+        dlq = await read_records(broker.bootstrap, settings.dlq_topic, len(bad_docs), 30)
+        results = await read_records(broker.bootstrap, settings.results_topic, len(mixed), 30)
+    assert sorted(r.value for r in dlq) == sorted(bad_docs)
+    reasons = {dict(r.headers)["gateway.reason"].decode() for r in dlq}
+    assert reasons >= {"invalid_json", "invalid_utf8", "missing_field", "bad_field"}
+    statuses = [orjson.loads(r.value)["status"] for r in results]
+    assert statuses.count("rejected") == len(bad_docs)
+    assert statuses.count("sent") == len(good)
+    assert len(await sim.accepted()) == len(good)
+    assert settings.key_secret.reveal() not in caplog.text
+
+
+async def test_a_400_from_sinch_goes_to_the_dlq_with_the_error_body(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory()
+    settings = settings_for(broker.bootstrap, sim.port, topics)
+    doc = orjson.loads(requests_for(["a1"], 1)[0][1])
+    # two message kinds: the envelope is fine, Sinch's validation refuses it
+    doc["payload"]["message"]["media_message"] = {"url": "https://example.invalid/x.png"}
+    async with running(settings):
+        await publish(broker.bootstrap, settings.requests_topic, [(b"a1", orjson.dumps(doc))])
+        dlq = await read_records(broker.bootstrap, settings.dlq_topic, 1, 30)
+        results = await read_records(broker.bootstrap, settings.results_topic, 1, 30)
+    assert [r.value for r in dlq] == [orjson.dumps(doc)]
+    headers = dict(dlq[0].headers)
+    assert headers["gateway.http_status"] == b"400"
+    result = orjson.loads(results[0].value)
+    assert result["status"] == "failed"
+    assert result["http_status"] == 400
+    assert result["error"]["status"] == "INVALID_ARGUMENT"
+    assert result["request_id"] == doc["request_id"]
+
+
+async def test_short_token_lifetime_no_failures_and_one_fetch_per_lifetime(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(token_lifetime_s=2.0, app_rate=20, strict=True)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=20)
+    apps = [f"t{i}" for i in range(6)]
+    docs = requests_for(apps, 6 * 20 * 10)  # 10 seconds at 20/s per app
+    async with running(settings):
+        await publish(broker.bootstrap, settings.requests_topic, docs)
+        results = await read_records(broker.bootstrap, settings.results_topic, len(docs), 60)
+    statuses = [orjson.loads(r.value)["status"] for r in results]
+    assert statuses.count("sent") == len(docs)
+    stats = await sim.stats()
+    assert stats["unauthorized_401"] == 0
+    # one fetch per lifetime (refreshed a little ahead): about 5-8 in ~10-11 s, not one per sender
+    assert 4 <= stats["token_requests"] <= 10, stats["token_requests"]

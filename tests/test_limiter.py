@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from gateway.limiter import Bucket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def test_paced_slots_never_exceed_the_rate_in_any_window_even_after_idle():
+    clock = Clock()
+    b = Bucket("app:a", 20, burst=1, margin=0.01, clock=clock)
+    slots = [b.reserve() for _ in range(100)]
+    clock.now = slots[-1] + 5  # idle, then a new burst of demand
+    slots += [b.reserve() for _ in range(100)]
+    assert max_in_window(slots) <= 20
+    steady = slots[1:100]
+    rate = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert 19.7 <= rate <= 20.0
+
+
+def test_project_burst_is_paid_for_by_a_lower_pace():
+    clock = Clock()
+    b = Bucket("project:p", 800, burst=8, margin=0.01, clock=clock)
+    slots = [b.reserve() for _ in range(4000)]
+    assert max_in_window(slots) <= 800
+    assert slots[7] == slots[0]  # the burst goes at once
+    assert b.pace >= 780
+
+
+def test_late_callers_do_not_lose_rate():
+    clock = Clock()
+    b = Bucket("app:a", 50, clock=clock)
+    slots = []
+    for _ in range(200):
+        at = b.reserve()
+        clock.now = max(clock.now, at) + 0.0005  # each wake-up 0.5 ms late
+        slots.append(at)
+    rate = (len(slots) - 1) / (slots[-1] - slots[0])
+    assert rate >= 49.4
+
+
+def test_window_guard_holds_the_rate_plus_one():
+    clock = Clock()
+    b = Bucket("app:a", 5, clock=clock)
+    for _ in range(5):
+        assert b.window_delay(clock.now) == 0
+        b.record(clock.now)
+        clock.now += 0.01
+    assert b.window_delay(clock.now) > 0.9
+
+
+def test_slow_down_and_recover():
+    clock = Clock()
+    changes = []
+    b = Bucket("app:a", 100, clock=clock, on_change=changes.append)
+    full = b.pace
+    assert b.slow_down(0.5)
+    assert abs(b.pace - full / 2) < 1e-9
+    while b.recover(0.1):
+        pass
+    assert abs(b.pace - full) < 1e-9
+    assert len(changes) >= 2

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import random
+
+from gateway.offsets import PartitionTracker, decode_done, encode_done
+
+
+def test_commits_only_the_contiguous_finished_prefix():
+    t = PartitionTracker(0)
+    for off in range(10, 20):
+        t.add(off)
+    assert t.committable() == 10
+    t.done(12)
+    t.done(11)
+    assert t.committable() == 10
+    t.done(10)
+    assert t.committable() == 13
+    for off in range(13, 20):
+        t.done(off)
+    assert t.committable() == 20
+    assert t.pending == 0
+
+
+def test_random_completion_order_never_passes_an_unfinished_record():
+    rng = random.Random(7)
+    t = PartitionTracker(0)
+    offsets = list(range(1000))
+    for off in offsets:
+        t.add(off)
+    rng.shuffle(offsets)
+    finished: set[int] = set()
+    for off in offsets:
+        t.done(off)
+        finished.add(off)
+        c = t.committable()
+        assert all(o in finished for o in range(c))
+        assert c == 1000 or c not in finished
+
+
+def test_done_map_round_trips():
+    done = [105, 106, 110, 400, 1234]
+    text = encode_done(100, done)
+    assert text.startswith("gw1:")
+    assert decode_done(100, text) == set(done)
+    assert decode_done(100, "") == set()
+    assert decode_done(100, "garbage") == set()
+    assert encode_done(100, []) == ""
