@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from sinch.domains.conversation.sinch_events.v1.conversation_sinch_event import 
 )
 
 from gateway.simulator import cli
-from gateway.simulator.callbacks import sign, ulid
+from gateway.simulator.callbacks import Stamper, sign
 from gateway.simulator.server import SIMULATOR_KEY, make_app
 from gateway.simulator.settings import SimulatorSettings, patch
 from gateway.simulator.windows import LeakyQueue, SlidingWindow
@@ -482,13 +484,17 @@ async def test_metrics_use_own_registry_and_cap_app_labels(sim: SimFactory) -> N
     assert "sinch_sim_callbacks_total" in text
 
 
-def test_ulid_shape() -> None:
-    import random
-
-    rng = random.Random(1)
-    ids = {ulid(rng) for _ in range(1000)}
-    assert len(ids) == 1000
-    assert all(ULID_RE.match(i) for i in ids)
+def test_stamper_ids_and_times() -> None:
+    stamper = Stamper(random.Random(1))
+    stamps = [stamper.stamp() for _ in range(1000)]
+    assert len({s[0] for s in stamps}) == 1000
+    assert all(ULID_RE.match(s[0]) and TIME_RE.match(s[1]) for s in stamps)
+    # The first 10 characters are the millisecond timestamp, as in a ULID.
+    ms = 0
+    for char in stamps[0][0][:10]:
+        ms = ms * 32 + "0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(char)
+    first = datetime.fromisoformat(stamps[0][1].replace("Z", "+00:00")).timestamp()
+    assert abs(ms / 1000 - first) < 0.002
 
 
 # -- callbacks -----------------------------------------------------------------------

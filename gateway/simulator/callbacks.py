@@ -3,7 +3,9 @@
 For every accepted send the simulator posts a MESSAGE_DELIVERY callback with status
 ``QUEUED_ON_CHANNEL`` at once and, ``callback_delay_s`` later, ``DELIVERED`` (or
 ``FAILED`` with a ``reason`` for ``callback_failed_fraction`` of the messages).
-``POST /_sim/inbound`` produces a MESSAGE_INBOUND callback.
+``POST /_sim/inbound`` produces a MESSAGE_INBOUND callback. Delivery reports go to
+the send's own ``callback_url`` when it has one (as Sinch allows per message), else
+to the configured ``callback_url``; with neither, none are produced.
 
 The send path only appends to bounded in-memory queues (:meth:`CallbackDispatcher.
 message_accepted` never awaits); a pool of ``callback_workers`` tasks and one
@@ -37,7 +39,6 @@ from typing import Any, Final
 
 import aiohttp
 import orjson
-from prometheus_client import Counter
 
 from gateway.simulator.settings import SimulatorSettings
 
@@ -46,7 +47,10 @@ log = logging.getLogger(__name__)
 _B32: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _CROCKFORD: Final = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _TO_CROCKFORD: Final = bytes.maketrans(_B32, _CROCKFORD)
+#: Two Crockford characters for every 10-bit value.
+_PAIRS: Final = tuple(chr(a) + chr(b) for a in _CROCKFORD for b in _CROCKFORD)
 _RETRY_BASE_S: Final = 0.1
+_RESULTS: Final = ("ok", "retry", "failed", "dropped")
 _FAILURE_REASON: Final = {
     "code": "RECIPIENT_NOT_REACHABLE",
     "description": "Simulated delivery failure.",
@@ -72,11 +76,51 @@ def signature_headers(secret: str, body: bytes) -> dict[str, str]:
     }
 
 
-def ulid(rng: random.Random) -> str:
-    """A 26-character ULID-shaped id: 48-bit wall-clock ms, 80 random bits."""
-    value = (time.time_ns() // 1_000_000) << 80 | rng.getrandbits(80)
-    # 160 bits encode to 32 base32 chars; the first 6 carry the 30 zero bits.
-    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(_TO_CROCKFORD).decode()
+class Stamper:
+    """Fresh ULID-shaped message ids and RFC 3339 UTC times from one clock read.
+
+    An id is 26 Crockford base32 characters: 48 bits of wall-clock milliseconds
+    then 80 random bits. The id prefix is cached per millisecond and the time
+    prefix per second, so a stamp costs a few table lookups.
+    """
+
+    __slots__ = ("_ms", "_ms_prefix", "_rng", "_sec", "_sec_prefix")
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._ms = -1
+        self._ms_prefix = ""
+        self._sec = -1
+        self._sec_prefix = ""
+
+    def stamp(self) -> tuple[str, str]:
+        """A new message id and the current time, e.g. ``2021-10-18T17:49:13.813615Z``."""
+        ns = time.time_ns()
+        ms = ns // 1_000_000
+        p = _PAIRS
+        if ms != self._ms:
+            self._ms = ms
+            self._ms_prefix = "".join(p[ms >> shift & 1023] for shift in (40, 30, 20, 10, 0))
+        r = self._rng.getrandbits(80)
+        message_id = (
+            self._ms_prefix
+            + p[r >> 70]
+            + p[r >> 60 & 1023]
+            + p[r >> 50 & 1023]
+            + p[r >> 40 & 1023]
+            + p[r >> 30 & 1023]
+            + p[r >> 20 & 1023]
+            + p[r >> 10 & 1023]
+            + p[r & 1023]
+        )
+        sec, us = divmod(ns // 1000, 1_000_000)
+        if sec != self._sec:
+            self._sec = sec
+            self._sec_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return message_id, f"{self._sec_prefix}.{us:06d}Z"
+
+    def new_id(self) -> str:
+        return self.stamp()[0]
 
 
 def derived_id(*parts: str) -> str:
@@ -202,28 +246,36 @@ _Job = _Delivery | tuple[str, dict[str, Any]]
 class CallbackDispatcher:
     """Bounded worker pool posting signed callbacks; owned by the simulator app.
 
-    ``start()``/``stop()`` are idempotent; ``counts`` has ``ok`` (posted, 2xx),
-    ``retry`` (attempts retried), ``failed`` (given up) and ``dropped`` (queue full
-    or no URL to post to).
+    ``start()``/``stop()`` are idempotent. ``totals`` (monotonic) counts ``ok``
+    (posted, 2xx), ``retry`` (attempts retried), ``failed`` (given up) and
+    ``dropped`` (queue full).
     """
 
     def __init__(
         self,
         settings: SimulatorSettings,
         rng: random.Random,
-        results: Counter | None = None,
+        stamper: Stamper,
     ) -> None:
         self._settings = settings
         self._rng = rng
-        self._results = results
+        self._stamper = stamper
         self.failed_fraction = settings.callback_failed_fraction
-        self.counts: dict[str, int] = {"ok": 0, "retry": 0, "failed": 0, "dropped": 0}
+        self.totals: dict[str, int] = dict.fromkeys(_RESULTS, 0)
+        self._baseline = dict(self.totals)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(settings.callback_queue_size)
         self._delayed: deque[tuple[float, _Delivery]] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+
+    def counts(self) -> dict[str, int]:
+        """Results since the last :meth:`reset_counts` (``totals`` never go back)."""
+        return {k: n - self._baseline[k] for k, n in self.totals.items()}
+
+    def reset_counts(self) -> None:
+        self._baseline = dict(self.totals)
 
     @property
     def pending(self) -> int:
@@ -292,7 +344,7 @@ class CallbackDispatcher:
         url = self._settings.callback_url
         if url is None:
             return None
-        message_id = ulid(self._rng)
+        message_id = self._stamper.new_id()
         body = inbound_message(
             project_id=self._settings.project_id,
             app_id=app_id,
@@ -311,9 +363,7 @@ class CallbackDispatcher:
         return True
 
     def _count(self, result: str) -> None:
-        self.counts[result] += 1
-        if self._results is not None:
-            self._results.labels(result=result).inc()
+        self.totals[result] += 1
 
     async def _scheduler(self) -> None:
         loop = asyncio.get_running_loop()

@@ -44,13 +44,16 @@ import random
 import secrets
 import time
 from collections import deque
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from gateway.simulator.callbacks import CallbackDispatcher, rfc3339, ulid
+from gateway.simulator.callbacks import CallbackDispatcher, Stamper
 from gateway.simulator.settings import SimulatorSettings, patch
 from gateway.simulator.windows import LeakyQueue, SlidingWindow
 
@@ -71,61 +74,76 @@ MAX_APP_LABELS: Final = 100
 MAX_DUPLICATE_IDS: Final = 100
 MAX_TOKENS: Final = 100_000
 _JSON: Final = "application/json"
+_JSON_HEADERS: Final = {"Content-Type": _JSON}
 _EXPIRED: Final = {"www-authenticate": 'Bearer error="invalid_token", error_description="expired"'}
 _INVALID: Final = {"www-authenticate": 'Bearer error="invalid_token"'}
 
 
-class _Metrics:
-    """The simulator's collectors on its own registry, with cached label children."""
+class _Metrics(Collector):
+    """The simulator's Prometheus metrics, on its own registry.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    The hot path only increments plain ints; they become counter families at scrape
+    time, so a send takes no lock. The values are monotonic (``/_sim/reset`` leaves
+    them alone).
+    """
+
+    def __init__(self, registry: CollectorRegistry, callbacks: Mapping[str, int]) -> None:
         self.registry = registry
-        self.requests = Counter(
-            "sinch_sim_requests_total",
-            "Requests answered by the simulator.",
-            ["endpoint", "code"],
-            registry=registry,
-        )
-        self.accepted = Counter(
-            "sinch_sim_accepted_total",
-            "Sends accepted, by app (first 100 apps, then 'other').",
-            ["app_id"],
-            registry=registry,
-        )
-        self.tokens = Counter(
-            "sinch_sim_token_requests_total", "Calls to /oauth2/token.", registry=registry
-        )
-        self.callbacks = Counter(
-            "sinch_sim_callbacks_total", "Callback posts by result.", ["result"], registry=registry
-        )
-        self._requests: dict[tuple[str, int], Counter] = {}
-        self._accepted: dict[str, Counter] = {}
+        self.requests: dict[tuple[str, int], int] = {}
+        self.accepted: dict[str, int] = {}
+        self.tokens = 0
+        self._callbacks = callbacks
+        self._labelled: set[str] = set()
+        registry.register(self)
 
     def request(self, endpoint: str, code: int) -> None:
-        child = self._requests.get((endpoint, code))
-        if child is None:
-            child = self._requests[endpoint, code] = self.requests.labels(endpoint, str(code))
-        child.inc()
+        key = (endpoint, code)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
-    def accepted_child(self, app_id: str) -> Counter:
-        child = self._accepted.get(app_id)
-        if child is None:
-            label = app_id if len(self._accepted) < MAX_APP_LABELS else "other"
-            child = self.accepted.labels(label)
-            if label != "other":
-                self._accepted[app_id] = child
-        return child
+    def app_label(self, app_id: str) -> str:
+        """``app_id`` for the first 100 apps seen, then ``other``."""
+        if app_id in self._labelled:
+            return app_id
+        if len(self._labelled) < MAX_APP_LABELS:
+            self._labelled.add(app_id)
+            return app_id
+        return "other"
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "sinch_sim_requests", "Requests answered by the simulator.", labels=["endpoint", "code"]
+        )
+        for (endpoint, code), n in sorted(self.requests.items()):
+            requests.add_metric([endpoint, str(code)], n)
+        accepted = CounterMetricFamily(
+            "sinch_sim_accepted",
+            "Sends accepted, by app (100 apps, then other).",
+            labels=["app_id"],
+        )
+        for app_id, n in sorted(self.accepted.items()):
+            accepted.add_metric([app_id], n)
+        callbacks = CounterMetricFamily(
+            "sinch_sim_callbacks", "Callback posts by result.", labels=["result"]
+        )
+        for result, n in sorted(self._callbacks.items()):
+            callbacks.add_metric([result], n)
+        yield requests
+        yield accepted
+        yield CounterMetricFamily(
+            "sinch_sim_token_requests", "Calls to /oauth2/token.", value=self.tokens
+        )
+        yield callbacks
 
 
 class _AppState:
-    __slots__ = ("accepted", "accepted_total", "metric", "queue", "received")
+    __slots__ = ("accepted", "accepted_total", "label", "queue", "received")
 
-    def __init__(self, now: float, metric: Counter) -> None:
+    def __init__(self, now: float, label: str) -> None:
         self.received = SlidingWindow()
         self.accepted = SlidingWindow()
         self.queue = LeakyQueue(now)
         self.accepted_total = 0
-        self.metric = metric
+        self.label = label
 
 
 class Simulator:
@@ -133,9 +151,10 @@ class Simulator:
 
     def __init__(self, settings: SimulatorSettings, registry: CollectorRegistry) -> None:
         self.settings = settings
-        self.metrics = _Metrics(registry)
         self.rng = random.Random(settings.seed)  # noqa: S311 - simulation, not crypto
-        self.callbacks = CallbackDispatcher(settings, self.rng, self.metrics.callbacks)
+        self.stamper = Stamper(self.rng)
+        self.callbacks = CallbackDispatcher(settings, self.rng, self.stamper)
+        self.metrics = _Metrics(registry, self.callbacks.totals)
         self.tokens: dict[str, float] = {}
         self.token_requests = 0
         self._hold_all = False
@@ -172,11 +191,15 @@ class Simulator:
         payload: object,
         headers: dict[str, str] | None = None,
     ) -> web.Response:
-        self.metrics.request(endpoint, status)
+        # Only the Sinch endpoints (send, token) are counted; "sim" is the control API.
+        if endpoint != "sim":
+            self.metrics.request(endpoint, status)
         if endpoint == "send":
             self.status_counts[status] = self.status_counts.get(status, 0) + 1
         return web.Response(
-            body=orjson.dumps(payload), status=status, content_type=_JSON, headers=headers
+            body=orjson.dumps(payload),
+            status=status,
+            headers=_JSON_HEADERS if headers is None else {**_JSON_HEADERS, **headers},
         )
 
     def _error(
@@ -216,7 +239,7 @@ class Simulator:
 
     async def token(self, request: web.Request) -> web.Response:
         self.token_requests += 1
-        self.metrics.tokens.inc()
+        self.metrics.tokens += 1
         if not self._basic_ok(request.headers.get("Authorization", "")):
             return self._error("token", 401, "UNAUTHENTICATED", "Request had invalid credentials.")
         form = await request.post()
@@ -245,7 +268,7 @@ class Simulator:
         now = loop.time()
         auth = request.headers.get("Authorization", "")
         basic = False
-        if auth.startswith("Bearer "):
+        if auth.startswith("Bearer ") or auth[:7].lower() == "bearer ":
             expiry = self.tokens.get(auth[7:])
             if expiry is None or expiry <= now:
                 message = "Request had invalid credentials." if expiry is None else "Token expired."
@@ -274,9 +297,7 @@ class Simulator:
         if violations:
             return self._bad_request(violations)
         app_id: str = body["app_id"]
-        app = self.apps.get(app_id)
-        if app is None:
-            app = self.apps[app_id] = _AppState(now, self.metrics.accepted_child(app_id))
+        app = self._app(app_id, now)
         app.received.add(now)
         region = request.match_info.get("region", settings.default_region)
         if settings.region_of(app_id) != region:
@@ -295,6 +316,7 @@ class Simulator:
             await self._wait_if_held(app_id)
             now = loop.time()
             settings = self.settings
+            app = self._app(app_id, now)  # a reset may have happened meanwhile
 
         project_cap = max(1, int(settings.project_rate))
         if self.project_accepted.count(now) >= project_cap:
@@ -327,11 +349,11 @@ class Simulator:
             app.queue.push()
         if basic:
             self.basic_window.add(now)
-        message_id = ulid(self.rng)
-        accepted_time = rfc3339()
+        message_id, accepted_time = self.stamper.stamp()
         self.accepted_total += 1
         app.accepted_total += 1
-        app.metric.inc()
+        per_app = self.metrics.accepted
+        per_app[app.label] = per_app.get(app.label, 0) + 1
         self.accepted_log.append((message_id, app_id, correlation, accepted_time))
         if correlation is not None:
             if correlation in self.accepted_ids:
@@ -346,6 +368,12 @@ class Simulator:
         if delay > 0.0:
             await asyncio.sleep(delay)
         return self._answer("send", 200, {"accepted_time": accepted_time, "message_id": message_id})
+
+    def _app(self, app_id: str, now: float) -> _AppState:
+        app = self.apps.get(app_id)
+        if app is None:
+            app = self.apps[app_id] = _AppState(now, self.metrics.app_label(app_id))
+        return app
 
     def _bad_request(self, violations: list[dict[str, str]]) -> web.Response:
         detail = {
@@ -370,9 +398,6 @@ class Simulator:
 
     def snapshot(self) -> dict[str, Any]:
         """The ``/_sim/stats`` document."""
-        now = asyncio.get_running_loop().time()
-        for window in (self.project_received, self.project_accepted):
-            window.count(now)
         apps = self.apps
         counts = self.status_counts
         return {
@@ -407,7 +432,7 @@ class Simulator:
             "first_send_wall": self.first_send[1] if self.first_send else None,
             "last_send_wall": self.last_send[1] if self.last_send else None,
             "held": self.held,
-            "callbacks": dict(self.callbacks.counts),
+            "callbacks": self.callbacks.counts(),
             "accepted_log_dropped": self.accepted_total - len(self.accepted_log),
         }
 
@@ -471,7 +496,7 @@ class Simulator:
     async def reset(self, request: web.Request) -> web.Response:
         self._reset_counters()
         self.token_requests = 0
-        self.callbacks.counts.update(dict.fromkeys(self.callbacks.counts, 0))
+        self.callbacks.reset_counts()
         return _json({"reset": True})
 
     async def inbound(self, request: web.Request) -> web.Response:
@@ -528,10 +553,12 @@ def validate_send(body: object) -> list[dict[str, str]]:
             )
         else:
             for i, entry in enumerate(ids):
-                ok = isinstance(entry, dict) and all(
-                    isinstance(entry.get(k), str) and entry[k] for k in ("channel", "identity")
-                )
-                if not ok:
+                is_dict = isinstance(entry, dict)
+                channel = entry.get("channel") if is_dict else None
+                identity = entry.get("identity") if is_dict else None
+                if not (
+                    channel and identity and isinstance(channel, str) and isinstance(identity, str)
+                ):
                     out.append(
                         _violation(
                             f"recipient.identified_by.channel_identities[{i}]",
@@ -556,7 +583,7 @@ def validate_send(body: object) -> list[dict[str, str]]:
 
 
 def _json(payload: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status, content_type=_JSON)
+    return web.Response(body=orjson.dumps(payload), status=status, headers=_JSON_HEADERS)
 
 
 def _plain(value: object) -> object:

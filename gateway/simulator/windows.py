@@ -37,8 +37,12 @@ class SlidingWindow:
 
     def add(self, now: float) -> int:
         """Record an event at ``now``; return the count including it."""
-        n = self.count(now) + 1
-        self._times.append(now)
+        times = self._times
+        horizon = now - self.width_s
+        while times and times[0] <= horizon:
+            times.popleft()
+        times.append(now)
+        n = len(times)
         if n > self.peak:
             self.peak = n
         return n
