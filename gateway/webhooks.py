@@ -4,27 +4,36 @@
 signature headers (401), the timestamp window (401), the signature, as the
 official SDKs compute it: base64 HMAC-SHA256 of ``body.nonce.timestamp`` with
 the webhook secret, compared in constant time, the current or the previous
-secret during a rotation (401), a nonce already seen within the window (401,
-replay), and a JSON object body (400). A verified callback is published to
-the events topic, keyed by app_id, body unchanged; the answer is 200 only once
-Kafka acknowledged it (503 otherwise, so Sinch retries).
+secret during a rotation (401), a JSON object body (400), and a nonce already
+seen within the window (401, replay). A verified callback is published to the
+events topic, keyed by app_id, body unchanged, with the trigger, message_id and
+correlation_id in headers; the answer is 200 only once Kafka acknowledged it
+(503 otherwise, so Sinch retries). A nonce is held while its event is being
+published and kept only if that succeeded, so a retry of a 503 is accepted and
+a concurrent copy is not. A publish that Kafka has not acknowledged within
+``publish_timeout_s`` answers 503 even if the record lands later: Sinch then
+sends the callback again (at-least-once).
 
 Delivery reports are also turned into records of the status topic keyed by the
 gateway's ``request_id``: the message_id → request_id map is filled when a send
 is accepted, and the report's ``correlation_id`` (which the gateway sets to the
-request_id) covers what the map no longer holds.
+request_id when the producer left it empty) covers what the map does not hold:
+a report that overtook the send's answer, one received by another replica, or
+one older than ``status_map_ttl_s``. ``matched_by`` in the record says which.
+Reports are published in the order they arrive; ``event_time`` orders them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
@@ -33,17 +42,19 @@ from aiokafka.errors import KafkaError
 from gateway.settings import Secret, Settings
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from gateway.metrics import Metrics
     from gateway.producer import Publisher
 
 log = logging.getLogger(__name__)
 
-SIGNATURE = "x-sinch-webhook-signature"
-NONCE = "x-sinch-webhook-signature-nonce"
-TIMESTAMP = "x-sinch-webhook-signature-timestamp"
+SIGNATURE: Final = "x-sinch-webhook-signature"
+NONCE: Final = "x-sinch-webhook-signature-nonce"
+TIMESTAMP: Final = "x-sinch-webhook-signature-timestamp"
 
 # The field that carries each callback's content, and the trigger it stands for.
-TRIGGERS = {
+TRIGGERS: Final = {
     "message_delivery_report": "MESSAGE_DELIVERY",
     "message": "MESSAGE_INBOUND",
     "event": "EVENT_INBOUND",
@@ -66,9 +77,14 @@ TRIGGERS = {
     "message_inbound_smart_conversation_redaction": "MESSAGE_INBOUND_SMART_CONVERSATION_REDACTION",
     "record_notification": "RECORD_NOTIFICATION",
 }
-DELIVERY_STATUSES = frozenset(
+DELIVERY_STATUSES: Final = frozenset(
     {"QUEUED_ON_CHANNEL", "DELIVERED", "READ", "FAILED", "SWITCHING_CHANNEL"}
 )
+# Sinch nonces are 26-character ULIDs and timestamps unix seconds; anything far
+# longer is not a callback, and a long nonce would only bloat the replay cache.
+_MAX_NONCE: Final = 256
+_MAX_TIMESTAMP: Final = 12
+_OK: Final = b'{"status":"ok"}'
 
 
 def sign(secret: str, body: bytes, nonce: str, timestamp: str) -> str:
@@ -79,7 +95,12 @@ def sign(secret: str, body: bytes, nonce: str, timestamp: str) -> str:
 
 
 class BoundedTtlMap:
-    """key → (value, expiry) with an entry cap; the oldest entries go first."""
+    """key → value for ``ttl_s``, at most ``size`` entries, the oldest going first.
+
+    Entries are kept in insertion order, which is expiry order (one TTL for all),
+    so each ``put`` drops the expired ones from the front: memory follows the
+    rate times the TTL, and ``size`` only caps it.
+    """
 
     __slots__ = ("_clock", "_items", "_size", "_ttl")
 
@@ -91,9 +112,13 @@ class BoundedTtlMap:
 
     def put(self, key: str, value: str) -> None:
         items = self._items
-        items[key] = (value, self._clock() + self._ttl)
+        now = self._clock()
+        items[key] = (value, now + self._ttl)
         items.move_to_end(key)
-        while len(items) > self._size:
+        while items:
+            oldest = next(iter(items.values()))
+            if oldest[1] >= now and len(items) <= self._size:
+                break
             items.popitem(last=False)
 
     def get(self, key: str) -> str | None:
@@ -105,12 +130,19 @@ class BoundedTtlMap:
             return None
         return entry[0]
 
+    def discard(self, key: str) -> None:
+        self._items.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._items)
 
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"code": status, "message": message}}, status=status)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 class WebhookReceiver:
@@ -123,126 +155,172 @@ class WebhookReceiver:
         *,
         clock: Callable[[], float] = time.time,
         nonce_cache_size: int = 1_000_000,
+        publish_timeout_s: float = 10.0,
     ) -> None:
         self._s = settings
         self._m = metrics
         self._clock = clock
+        self._max_age = settings.webhook_max_age_s
+        self._limit = settings.webhook_max_body_bytes
+        self._publish_timeout = publish_timeout_s
         self._secrets = [
             s.reveal().encode()
             for s in (settings.webhook_secret, settings.webhook_secret_previous)
             if isinstance(s, Secret) and s
         ]
-        self._nonces = BoundedTtlMap(nonce_cache_size, settings.webhook_max_age_s * 2, clock)
+        # A timestamp is accepted up to max_age after it, and it can arrive up
+        # to max_age before it: a nonce must be remembered that long after receipt.
+        self._nonces = BoundedTtlMap(nonce_cache_size, 2 * self._max_age, clock)
         self._sent = BoundedTtlMap(settings.status_map_size, settings.status_map_ttl_s, clock)
         self._publisher: Publisher | None = None
+        self._counters: dict[tuple[str, str], Counter] = {}
 
     def attach(self, publisher: Publisher) -> None:
         """Start publishing (until then the webhook answers 503)."""
         self._publisher = publisher
 
     def record_sent(self, request_id: str, message_id: str) -> None:
+        """Remember which request a message_id answers, for the status topic."""
         self._sent.put(message_id, request_id)
 
-    def _verify(self, body: bytes, headers: Any) -> str | None:
+    def _count(self, trigger: str, result: str) -> None:
+        counter = self._counters.get((trigger, result))
+        if counter is None:
+            counter = self._m.webhook_events.labels(trigger, result)
+            self._counters[trigger, result] = counter
+        counter.inc()
+
+    def _verify(self, body: bytes, headers: Mapping[str, str]) -> str | None:
         """None if the signature checks out, else why not."""
         signature = headers.get(SIGNATURE)
         nonce = headers.get(NONCE)
         timestamp = headers.get(TIMESTAMP)
         if not signature or not nonce or not timestamp:
             return "missing signature headers"
-        try:
-            ts = int(timestamp)
-        except ValueError:
+        if len(timestamp) > _MAX_TIMESTAMP or not (timestamp.isascii() and timestamp.isdigit()):
             return "bad timestamp"
-        if abs(self._clock() - ts) > self._s.webhook_max_age_s:
+        if abs(self._clock() - int(timestamp)) > self._max_age:
             return "timestamp outside the accepted window"
-        try:
-            given = base64.b64decode(signature, validate=True)
-        except ValueError:
-            return "bad signature"
-        signed = body + b"." + nonce.encode() + b"." + timestamp.encode()
-        if not any(
-            hmac.compare_digest(hmac.new(secret, signed, hashlib.sha256).digest(), given)
-            for secret in self._secrets
-        ):
-            return "bad signature"
-        if self._nonces.get(nonce) is not None:
-            return "nonce replayed"
-        self._nonces.put(nonce, timestamp)
-        return None
+        if len(nonce) > _MAX_NONCE:
+            return "bad nonce"
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives
+        # back the bytes that were signed, whatever they were.
+        signed = b"".join(
+            (body, b".", nonce.encode("utf-8", "surrogateescape"), b".", timestamp.encode())
+        )
+        given = signature.encode("utf-8", "surrogateescape")
+        for secret in self._secrets:
+            expected = base64.b64encode(hmac.digest(secret, signed, "sha256"))
+            if hmac.compare_digest(expected, given):
+                return None
+        return "bad signature"
+
+    async def _read(self, request: web.Request) -> bytes | None:
+        """The body, or None when it is longer than the limit."""
+        limit = self._limit
+        length = request.content_length
+        if length is not None and length > limit:
+            return None
+        content = request.content
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.Response:
-        limit = self._s.webhook_max_body_bytes
         if not self._secrets:
-            self._m.webhook_events.labels("unknown", "disabled").inc()
+            self._count("unknown", "disabled")
             return _error(503, "webhook secret not configured")
-        if request.content_length is not None and request.content_length > limit:
-            self._m.webhook_events.labels("unknown", "too_large").inc()
-            return _error(413, "body too large")
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            self._m.webhook_events.labels("unknown", "too_large").inc()
+        body = await self._read(request)
+        if body is None:
+            self._count("unknown", "too_large")
             return _error(413, "body too large")
         problem = self._verify(body, request.headers)
         if problem is not None:
-            self._m.webhook_events.labels("unknown", "unauthorized").inc()
+            self._count("unknown", "unauthorized")
             return _error(401, problem)
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             doc = None
         if not isinstance(doc, dict):
-            self._m.webhook_events.labels("unknown", "bad_request").inc()
+            self._count("unknown", "bad_request")
             return _error(400, "body is not a JSON object")
-        trigger = next((t for key, t in TRIGGERS.items() if key in doc), "UNKNOWN")
+        field, trigger = next(((k, TRIGGERS[k]) for k in doc if k in TRIGGERS), ("", "UNKNOWN"))
         publisher = self._publisher
         if publisher is None:
-            self._m.webhook_events.labels(trigger, "unavailable").inc()
+            self._count(trigger, "unavailable")
             return _error(503, "not ready")
+        nonce = request.headers[NONCE]
+        if self._nonces.get(nonce) is not None:
+            self._count(trigger, "replayed")
+            return _error(401, "nonce replayed")
+        self._nonces.put(nonce, "")
         try:
-            await self._publish(publisher, doc, body, trigger)
-        except (KafkaError, OSError) as exc:
-            self._m.webhook_events.labels(trigger, "kafka_error").inc()
+            async with asyncio.timeout(self._publish_timeout):
+                await self._publish(publisher, doc, body, field, trigger)
+        except (KafkaError, OSError, TimeoutError, RuntimeError) as exc:
+            # RuntimeError: the publisher was stopped (shutdown) under us.
+            self._nonces.discard(nonce)
+            self._count(trigger, "kafka_error")
             log.warning("webhook event not published (%s): answering 503", type(exc).__name__)
             return _error(503, "event not stored; retry later")
-        self._m.webhook_events.labels(trigger, "published").inc()
-        return web.json_response({"status": "ok"})
+        self._count(trigger, "published")
+        return web.Response(body=_OK, content_type="application/json")
 
     async def _publish(
-        self, publisher: Publisher, doc: dict[str, Any], body: bytes, trigger: str
+        self, publisher: Publisher, doc: dict[str, Any], body: bytes, field: str, trigger: str
     ) -> None:
         s = self._s
-        app_id = doc.get("app_id") if isinstance(doc.get("app_id"), str) else ""
-        content = doc.get(next((k for k in TRIGGERS if k in doc), ""), None)
-        content = content if isinstance(content, dict) else {}
-        message_id = content.get("message_id") or content.get("id") or ""
-        correlation = doc.get("correlation_id") or ""
+        app_id = _text(doc.get("app_id"))
+        content = doc.get(field) if field else None
+        if not isinstance(content, dict):
+            content = {}
+        message_id = _text(content.get("message_id")) or _text(content.get("id"))
+        correlation = _text(doc.get("correlation_id"))
         headers = [("sinch.trigger", trigger.encode())]
         if message_id:
-            headers.append(("sinch.message_id", str(message_id).encode()))
+            headers.append(("sinch.message_id", message_id.encode()))
         if correlation:
-            headers.append(("sinch.correlation_id", str(correlation).encode()))
-        futures = [await publisher.send(s.events_topic, body, key=app_id.encode(),
-                                        headers=headers)]  # fmt: skip
+            headers.append(("sinch.correlation_id", correlation.encode()))
+        key = app_id.encode() if app_id else None
+        futures = [await publisher.send(s.events_topic, body, key=key, headers=headers)]
         status = content.get("status")
-        if trigger == "MESSAGE_DELIVERY" and status in DELIVERY_STATUSES:
-            request_id = self._sent.get(str(message_id)) or (
-                correlation if isinstance(correlation, str) else ""
-            )
-            if request_id:
-                record = orjson.dumps(
-                    {
-                        "request_id": request_id,
-                        "message_id": message_id,
-                        "status": status,
-                        "app_id": app_id,
-                        "event_time": doc.get("event_time"),
-                        "reason": content.get("reason"),
-                        "channel": (content.get("channel_identity") or {}).get("channel"),
-                    }
-                )
-                futures.append(
-                    await publisher.send(s.status_topic, record, key=request_id.encode())
-                )
+        is_report = trigger == "MESSAGE_DELIVERY" and isinstance(status, str)
+        if is_report and status in DELIVERY_STATUSES:
+            record = self._status_record(doc, content, app_id, message_id, correlation, str(status))
+            if record is not None:
+                request_id, value = record
+                futures.append(await publisher.send(s.status_topic, value, key=request_id.encode()))
         for fut in futures:
             await fut
+
+    def _status_record(
+        self, doc: dict[str, Any], report: dict[str, Any], app_id: str, message_id: str,
+        correlation: str, status: str,
+    ) -> tuple[str, bytes] | None:  # fmt: skip
+        request_id = self._sent.get(message_id) if message_id else None
+        matched_by = "message_id"
+        if request_id is None:
+            if not correlation:
+                return None
+            request_id, matched_by = correlation, "correlation_id"
+        identity = report.get("channel_identity")
+        reason = report.get("reason")
+        value = orjson.dumps(
+            {
+                "request_id": request_id,
+                "message_id": message_id,
+                "status": status,
+                "app_id": app_id,
+                "event_time": doc.get("event_time"),
+                "channel": identity.get("channel") if isinstance(identity, dict) else None,
+                "reason": reason if isinstance(reason, dict) else None,
+                "matched_by": matched_by,
+            }
+        )
+        return request_id, value
