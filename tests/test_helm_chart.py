@@ -1,0 +1,388 @@
+"""The Helm chart, checked by Helm's own Go SDK (helm-python-sdk), kubernetes-validate
+and promtool, plus the contract between the chart and the gateway it deploys.
+
+Every tool is required: a missing one fails the test with the install command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.settings import Secret, Settings, _field_kind, load
+
+try:
+    import helm_python as helm
+except ImportError:  # pragma: no cover - depends on the install
+    helm = None
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - depends on the install
+    yaml = None
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "sinch-gateway"
+FULL_VALUES = CHART / "ci" / "full-values.yaml"
+DEPLOY_ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+CHART_ALERTS = CHART / "files" / "alerts.yml"
+KUBE_VERSION = "1.30.0"  # kubeVersion floor in Chart.yaml is 1.25; 1.30 has schemas shipped
+CRD_GROUP = "monitoring.coreos.com/"
+# Settings the chart sets itself (ports, secrets as *_FILE), not through .Values.config.
+CHART_MANAGED = {
+    "http_host",
+    "http_port",
+    "webhook_port",
+    "key_secret",
+    "webhook_secret",
+    "webhook_secret_previous",
+    "kafka_sasl_password",
+}
+RELEASE = "sg"
+NAMESPACE = "messaging"
+
+
+def tool(name: str) -> str:
+    """Path of a command-line tool from the venv or PATH; fail (not skip) when absent."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        extra = " and Debian's prometheus package" if name == "promtool" else ""
+        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]'){extra}")
+    return found
+
+
+def require_libs() -> None:
+    if helm is None:
+        pytest.fail("helm-python-sdk is not installed: pip install -e '.[dev]'")
+    if yaml is None:
+        pytest.fail("PyYAML is not installed: pip install -e '.[dev]'")
+
+
+def full_values() -> dict[str, Any]:
+    require_libs()
+    return dict(yaml.safe_load(FULL_VALUES.read_text()))
+
+
+VALUE_SETS = {"default": lambda: None, "full": full_values}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[Any]:
+    require_libs()
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: Any, values: dict[str, Any] | None) -> dict[str, str]:
+    """Template path → rendered text, as `helm template` (empty files dropped)."""
+    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return {Path(k).name: v for k, v in out.items() if v.strip()}
+
+
+def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    docs = []
+    for name, text in rendered.items():
+        if name.endswith(".yaml"):
+            docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    (only,) = spec["containers"]
+    return dict(only)
+
+
+def settings_fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Settings)}
+
+
+# -- Helm: lint, schema ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", sorted(VALUE_SETS))
+def test_lint_strict_is_clean(which: str) -> None:
+    require_libs()
+    report = helm.lint(
+        CHART,
+        VALUE_SETS[which](),
+        strict=True,
+        namespace=NAMESPACE,
+        kube_version=f"v{KUBE_VERSION}",
+    )
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["total_charts_linted"] == 1
+    assert problems == [], problems
+    assert report["errors"] == []
+
+
+def test_lint_reports_a_broken_value() -> None:
+    """The lint above can fail: the same call flags a value the schema refuses."""
+    require_libs()
+    report = helm.lint(CHART, {"replicaCount": "two"}, strict=True)
+    assert any("replicaCount" in m["error"] and m["severity"] == 3 for m in report["messages"])
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({"replicaCount": "two"}, "/replicaCount"),
+        ({"config": {"kafka_bootstrapp": "kafka:9092"}}, "kafka_bootstrapp"),
+        ({"config": {"app_rate": 0}}, "/config/app_rate"),
+        ({"config": {"region": "asia"}}, "/config/region"),
+        ({"config": {"http_port": 9000}}, "http_port"),  # set by the chart (ports.http)
+        ({"secrets": {"existingSecret": ""}}, "/secrets/existingSecret"),
+        ({"securityContext": {"readOnlyRootFilesystem": False}}, "readOnlyRootFilesystem"),
+        ({"ports": {"http": "8080"}}, "/ports/http"),
+    ],
+)
+def test_schema_refuses_wrong_values_at_install(
+    chart: Any, values: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    assert needle in str(err.value)
+
+
+def test_schema_config_keys_are_the_gateway_settings(chart: Any) -> None:
+    """`config` takes exactly the Settings fields the chart does not manage, with their types."""
+    props = chart.schema["properties"]["config"]["properties"]
+    fields = settings_fields()
+    assert set(props) | CHART_MANAGED == set(fields), (
+        "values.schema.json config properties differ from gateway.settings.Settings: "
+        f"missing {sorted(set(fields) - CHART_MANAGED - set(props))}, "
+        f"unknown {sorted(set(props) - set(fields))}"
+    )
+    json_types = {
+        "str": "string",
+        "int": "integer",
+        "float": "number",
+        "bool": "boolean",
+        "Mapping": "object",
+    }
+    for name, prop in props.items():
+        kind, literals, _ = _field_kind(fields[name])
+        assert prop["type"] == json_types[kind], name
+        if literals is not None:
+            assert sorted(prop["enum"]) == sorted(literals), name
+    # The chart's defaults are the gateway's, except where a cluster differs from a laptop.
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    for name, value in chart.values["config"].items():
+        if name not in {"apps", "kafka_bootstrap"}:
+            assert value == defaults[name], f"config.{name} default differs from Settings"
+
+
+# -- rendering, kubernetes-validate, promtool --------------------------------------
+
+
+@pytest.mark.parametrize("which", sorted(VALUE_SETS))
+def test_rendered_manifests_validate_strictly(chart: Any, which: str, tmp_path: Path) -> None:
+    rendered = render(chart, VALUE_SETS[which]())
+    docs = manifests(rendered)
+    out = tmp_path / "manifests.yaml"
+    out.write_text("\n---\n".join(yaml.safe_dump(d) for d in docs))
+    proc = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "-k", KUBE_VERSION, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    for doc in docs:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        if doc["apiVersion"].startswith(CRD_GROUP):
+            # No schema ships for the Prometheus Operator CRDs: checked below instead.
+            assert any(f"Couldn't find schema for kind {kind}" in line for line in lines)
+        else:
+            assert f"passed for resource {kind.lower()}/{name}" in proc.stdout, proc.stdout
+    unexpected = [
+        ln for ln in lines if not ln.startswith("INFO") and "monitoring.coreos.com" not in ln
+    ]
+    assert unexpected == []
+    kinds = {d["kind"] for d in docs}
+    expected = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"}
+    if which == "full":
+        expected |= {"Ingress", "ServiceMonitor", "PrometheusRule"}
+    assert kinds == expected
+
+
+def test_kubernetes_validate_refuses_an_unknown_field(chart: Any, tmp_path: Path) -> None:
+    """The strict validation above can fail: a misspelt field is an error."""
+    docs = manifests(render(chart, None))
+    deployment = by_kind(docs, "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFS"] = True
+    out = tmp_path / "deployment.yaml"
+    out.write_text(yaml.safe_dump(deployment))
+    proc = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "-k", KUBE_VERSION, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "readOnlyRootFS" in proc.stdout + proc.stderr
+
+
+def test_prometheus_rule_is_the_deploy_alert_file(chart: Any, tmp_path: Path) -> None:
+    """files/alerts.yml is a copy of deploy/prometheus/alerts.yml, rendered unchanged."""
+    assert DEPLOY_ALERTS.exists(), f"{DEPLOY_ALERTS} is missing"
+    assert CHART_ALERTS.read_text() == DEPLOY_ALERTS.read_text(), (
+        "the chart's alerts differ from deploy/prometheus/alerts.yml: "
+        "cp deploy/prometheus/alerts.yml helm/sinch-gateway/files/alerts.yml"
+    )
+    rule = by_kind(manifests(render(chart, full_values())), "PrometheusRule")
+    groups = yaml.safe_load(DEPLOY_ALERTS.read_text())["groups"]
+    assert rule["spec"]["groups"] == groups
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    proc = subprocess.run(
+        [tool("promtool"), "check", "rules", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    alerts = sum(1 for g in groups for r in g["rules"] if "alert" in r)
+    assert f"SUCCESS: {sum(len(g['rules']) for g in groups)} rules found" in proc.stdout
+    assert alerts > 0
+
+
+# -- the contract between chart and gateway -----------------------------------------
+
+
+@pytest.mark.parametrize("which", sorted(VALUE_SETS))
+def test_gateway_loads_the_rendered_config(chart: Any, which: str, tmp_path: Path) -> None:
+    """The ConfigMap's TOML and the pod's env, given to gateway.settings.load, are accepted."""
+    values = VALUE_SETS[which]()
+    docs = manifests(render(chart, values))
+    toml = tmp_path / "gateway.toml"
+    toml.write_text(by_kind(docs, "ConfigMap")["data"]["gateway.toml"])
+    env: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    for item in container(docs)["env"]:
+        name, value = item["name"], item["value"]
+        if name == "GATEWAY_CONFIG":
+            value = str(toml)
+        elif name.endswith("_FILE"):
+            secrets[name] = f"demo-{name.lower()}"
+            path = tmp_path / Path(value).name
+            path.write_text(secrets[name] + "\n")
+            value = str(path)
+        env[name] = value
+    settings = load(env=env)
+    merged = chart.merge_values(values)
+    assert settings.http_port == merged["ports"]["http"]
+    assert settings.webhook_port == merged["ports"].get("webhook")
+    assert settings.key_secret == Secret(secrets["GATEWAY_KEY_SECRET_FILE"])
+    assert settings.webhook_secret == Secret(secrets["GATEWAY_WEBHOOK_SECRET_FILE"])
+    assert settings.kafka_bootstrap == merged["config"]["kafka_bootstrap"]
+    grace = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= settings.shutdown_timeout_s + 5
+    if which == "full":
+        settings.require_credentials()
+        assert settings.kafka_sasl_password == Secret(secrets["GATEWAY_KAFKA_SASL_PASSWORD_FILE"])
+        assert settings.apps["marketing-app"].rate == 100.0
+        assert settings.apps["marketing-app"].region == "eu"
+        assert settings.channel_rates == {"WHATSAPP": 80.0, "SMS": 30.5}
+        assert settings.max_buffered_bytes == 67108864
+        assert settings.create_topics is False
+        assert settings.region == "eu"
+
+
+def test_grace_period_shorter_than_the_drain_is_refused(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError, match="terminationGracePeriodSeconds"):
+        render(chart, {"config": {"shutdown_timeout_s": 40}, "terminationGracePeriodSeconds": 30})
+    docs = manifests(
+        render(chart, {"config": {"shutdown_timeout_s": 40}, "terminationGracePeriodSeconds": 45})
+    )
+    assert (
+        by_kind(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        == 45
+    )
+
+
+@pytest.mark.parametrize("which", sorted(VALUE_SETS))
+def test_deployment_runs_locked_down_with_probes(chart: Any, which: str) -> None:
+    docs = manifests(render(chart, VALUE_SETS[which]()))
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    c = container(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["automountServiceAccountToken"] is False
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["resources"]["requests"]
+    assert c["resources"]["limits"]["memory"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]  # noqa: S108 - the pod's /tmp, not ours
+    secret = volumes["secrets"]["secret"]
+    merged = chart.merge_values(VALUE_SETS[which]())
+    assert secret["secretName"] == merged["secrets"]["existingSecret"]
+    mounted = {i["path"] for i in secret["items"]}
+    env = {e["name"]: e["value"] for e in c["env"]}
+    for var, value in env.items():
+        if var.endswith("_FILE"):
+            assert Path(value).name in mounted
+            assert str(Path(value).parent) in mounts
+    assert Path(env["GATEWAY_CONFIG"]).parent.as_posix() in mounts
+    known = {f"GATEWAY_{n.upper()}" for n in settings_fields()} | {"GATEWAY_CONFIG"}
+    known |= {f"{k}_FILE" for k in known}
+    assert set(env) <= known
+
+
+def test_service_monitor_and_ingress_point_at_real_ports(chart: Any) -> None:
+    docs = manifests(render(chart, full_values()))
+    service = by_kind(docs, "Service")
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert ports == {"http": 8080, "webhook": 8443}
+    monitor = by_kind(docs, "ServiceMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [("http", "/metrics")]
+    ingress = by_kind(docs, "Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert path["path"] == "/webhooks/sinch"
+    assert path["backend"]["service"] == {
+        "name": service["metadata"]["name"],
+        "port": {"name": "webhook"},
+    }
+    # Without a webhook port the webhook is served, and routed, on the admin port.
+    docs = manifests(render(chart, {"ingress": {"enabled": True, "hosts": ["cb.example.com"]}}))
+    (rule,) = by_kind(docs, "Ingress")["spec"]["rules"]
+    assert rule["host"] == "cb.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"]["port"] == {"name": "http"}
+
+
+def test_notes_say_which_secret_to_create(chart: Any) -> None:
+    notes = render(chart, None)["NOTES.txt"]
+    assert "create secret generic sinch-gateway" in notes
+    assert "--from-literal=key-secret=" in notes
+    assert "config.project_id and config.key_id are empty" in notes
+    notes = render(chart, full_values())["NOTES.txt"]
+    assert "https://sinch-callbacks.example.com/webhooks/sinch" in notes
+    assert "are empty" not in notes
