@@ -9,7 +9,6 @@ import random
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +29,21 @@ SimFactory = Callable[..., Awaitable[Client]]
 
 BASIC = encode_basic_auth("demo-key", "demo-secret")
 SEND = "/us/v1/projects/demo-project/messages:send"
-VECTOR = Path("/work/shared/seed/webhook-signature-vector.json")
+# Public test vector of the Sinch SDKs (Node, Java, .NET authorization helper tests).
+VECTOR = {
+    "secret": "foo_secret1234",
+    "nonce": "01FJA8B4A7BM43YGWSG9GBV067",
+    "timestamp": "1634579353",
+    "body": (
+        '{"app_id":"","accepted_time":"2021-10-18T17:49:13.813615Z",'
+        '"project_id":"e2df3a34-a71b-4448-9db5-a8d2baad28e4",'
+        '"contact_create_notification":{"contact":{"id":"01FJA8B466Y0R2GNXD78MD9SM1",'
+        '"channel_identities":[{"channel":"SMS","identity":"48123456789","app_id":""}],'
+        '"display_name":"New Test Contact","email":"new.contact@email.com",'
+        '"external_id":"","metadata":"","language":"EN_US"}},"message_metadata":""}'
+    ),
+    "signature": "6bpJoRmFoXVjfJIVglMoJzYXxnoxRujzR4k2GOXewOE=",
+}
 ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
@@ -501,7 +514,7 @@ def test_stamper_ids_and_times() -> None:
 
 
 def test_signature_matches_the_public_vector() -> None:
-    vector = json.loads(VECTOR.read_text())
+    vector = VECTOR
     body_bytes = vector["body"].encode()
     signature = sign(vector["secret"], body_bytes, vector["nonce"], vector["timestamp"])
     assert signature == vector["signature"]
@@ -643,6 +656,24 @@ async def test_callback_queue_full_drops_without_slowing_sends(
     receiver.gate.set()
     resp = await client.post("/_sim/inbound", json={"app_id": "a", "text": "t"})
     assert resp.status in (200, 503)
+
+
+async def test_a_send_may_name_its_own_callback_url(
+    sim: SimFactory, receiver_url: Callable[[Receiver], Awaitable[str]]
+) -> None:
+    receiver = Receiver("k")
+    url = await receiver_url(receiver)
+    client = await sim(callback_secret="k", callback_delay_s=0.0)
+    token = await get_token(client)
+    assert (await send(client, token, callback_url=url, correlation_id="own"))[0] == 200
+    assert (await send(client, token))[0] == 200  # no URL anywhere: no callbacks
+
+    async def two() -> bool:
+        return len(receiver.events) >= 2
+
+    await wait_for(two)
+    assert {e["raw"]["correlation_id"] for e in receiver.events} == {"own"}
+    assert all(receiver.valid)
 
 
 async def test_inbound_without_callback_url_is_409(sim: SimFactory) -> None:

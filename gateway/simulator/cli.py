@@ -48,12 +48,13 @@ _STRINGS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting; unset flags keep the :class:`SimulatorSettings` default."""
-    for name, help_text in _STRINGS:
-        parser.add_argument(f"--{name}", default=None, help=help_text)
-    for name, help_text in _INTS:
-        parser.add_argument(f"--{name}", type=int, default=None, help=help_text)
-    for name, help_text in _FLOATS:
-        parser.add_argument(f"--{name}", type=float, default=None, help=help_text)
+    defaults = SimulatorSettings()
+    for kind, flags in ((str, _STRINGS), (int, _INTS), (float, _FLOATS)):
+        for name, help_text in flags:
+            default = getattr(defaults, name.replace("-", "_"))
+            parser.add_argument(
+                f"--{name}", type=kind, default=None, help=f"{help_text} (default: {default})"
+            )
     parser.add_argument(
         "--strict",
         action="store_true",

@@ -30,7 +30,9 @@ Injected 500/503 carry none, because they are random and a hint would be a lie.
 
 ``/_sim/reset`` clears counters, windows, queues, the accepted log and the
 duplicate tracking; issued tokens, holds and Prometheus counters (monotonic by
-contract) are kept.
+contract) are kept. The set of accepted correlation ids (for duplicate detection)
+grows until a reset, about 100 bytes per id; the accepted log is capped by
+``accepted_log_size``.
 """
 
 from __future__ import annotations
@@ -397,7 +399,17 @@ class Simulator:
         return _json(self.snapshot())
 
     def snapshot(self) -> dict[str, Any]:
-        """The ``/_sim/stats`` document."""
+        """The ``/_sim/stats`` document (counts since start or the last reset).
+
+        ``received_total`` counts sends that passed auth; ``max_received_per_s`` /
+        ``max_accepted_per_s`` are the largest numbers of such / of accepted sends
+        inside any 1-second window, for the project and per app. ``duplicates``:
+        ``total`` sends carried a ``correlation_id`` (else ``message_metadata``)
+        already accepted before, ``accepted`` of them were accepted again, ``ids``
+        the first 100 such ids. Times: ``*_send_time`` on ``loop.time()``,
+        ``*_send_wall`` unix seconds. ``accepted_log_dropped``: accepted sends no
+        longer in ``/_sim/accepted`` (it keeps the last ``accepted_log_size``).
+        """
         apps = self.apps
         counts = self.status_counts
         return {
