@@ -59,9 +59,14 @@ async def _simulate(ns: argparse.Namespace) -> int:
     from gateway.simulator import cli as sim_cli
 
     logs.setup("INFO", "text")
+    try:
+        settings = sim_cli.settings_from_args(ns)
+    except ValueError as exc:
+        print(f"gateway simulate: {exc}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    await sim_cli.serve(sim_cli.settings_from_args(ns), stop)
+    await sim_cli.serve(settings, stop)
     return 0
 
 

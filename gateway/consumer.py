@@ -108,6 +108,21 @@ class Intake:
         self.consumer = consumer
         self.connected = True
 
+    def broker_connected(self) -> bool:
+        """True while the consumer holds a live connection to a broker.
+
+        aiokafka retries a lost broker quietly (``getmany`` returns empty
+        batches), so the fetch loop alone cannot tell; its client keeps one
+        entry per open connection and drops it when the connection closes.
+        """
+        consumer = self.consumer
+        if consumer is None:
+            return False
+        conns = getattr(getattr(consumer, "_client", None), "_conns", None)
+        if not isinstance(conns, dict):
+            return self.connected
+        return self.connected and any(conn.connected() for conn in conns.values())
+
     def stop_fetching(self) -> None:
         self._stopping.set()
 
@@ -124,10 +139,12 @@ class Intake:
         budget = self._s.max_buffered_records
         budget_bytes = self._s.max_buffered_bytes
         while not self._stopping.is_set():
+            room = min(budget - self.buffered, self._s.fetch_max_records)
+            if room <= 0 and not self.paused:
+                self._pause(True)
             try:
-                batch = await consumer.getmany(
-                    timeout_ms=200, max_records=self._s.fetch_max_records
-                )
+                # never take more than the budget has room for (paused: returns nothing)
+                batch = await consumer.getmany(timeout_ms=200, max_records=max(1, room))
                 self.connected = True
             except KafkaError as exc:
                 self.connected = False
@@ -214,7 +231,8 @@ class Intake:
         )  # fmt: skip
         self._m.dlq.labels(exc.reason).inc()
         self._m.outcomes.labels("none", Status.REJECTED.value).inc()
-        log.warning("partition %d offset %d rejected: %s", record.partition, record.offset, exc)
+        log.warning("partition %d offset %d rejected: %s", record.partition, record.offset, exc,
+                    extra={"partition": record.partition, "offset": record.offset})  # fmt: skip
         futs = [
             await self._pub.send(
                 s.dlq_topic, record.value, key=record.key, headers=list(record.headers or ())
@@ -314,6 +332,7 @@ class Intake:
         await self.commit(parts)
         for p in parts:
             self.trackers.pop(p, None)
+            self._m.lag.remove(str(p))  # another member reports it now
         log.info("partitions %s revoked (%d queued records handed back)", sorted(parts), dropped)
         self.assigned = bool(self.trackers)
 

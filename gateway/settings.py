@@ -108,7 +108,7 @@ class Settings:
     project_burst: float = 8.0
     app_rate: float = 20.0
     app_burst: float = 1.0
-    rate_margin: float = 0.01
+    rate_margin: float = 0.02
     apps: Mapping[str, AppSettings] = field(default_factory=dict)
     channel_rates: Mapping[str, float] = field(default_factory=dict)
     max_in_flight: int = 512

@@ -1,0 +1,278 @@
+"""Drain a backlog through the real gateway against the simulator in strict mode.
+
+    python benchmarks/drain.py              # the three mixes, gateway and baseline side by side
+    python benchmarks/drain.py --memory     # 1,000,000 records in Kafka, RSS while draining
+
+Each mix publishes its backlog first, then starts the gateway (its own process) and
+measures, from the simulator's records and /proc:
+  ideal      max((N-1)/project_rate, max over apps (N_app-1)/app_rate): the physical limit
+  actual     first send to last send (the simulator's clock)
+  efficiency ideal/actual
+  startup    gateway start to its first send (group join, token)
+  429s, and the most requests in any 1-second window, per app (max) and for the project
+  CPU        gateway CPU time from its first send to its last, per message
+  peak RSS   the gateway's VmHWM
+The baseline (benchmarks/baseline_loop.py: read, wait for the limiters, send, repeat) runs
+on the same backlog for a bounded time; its efficiency is the ideal time of what it sent
+(its share of N times the ideal) over its elapsed time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from benchmarks.stack import (
+    cpu_seconds,
+    gateway_env,
+    rss_mb,
+    sim_stats,
+    start_gateway,
+    start_simulator,
+    stop,
+    wait_port,
+)
+from gateway.broker import EmbeddedBroker, free_port
+from gateway.cli import sample_request
+from gateway.producer import ensure_topics
+from gateway.settings import load
+
+
+@dataclass
+class Mix:
+    name: str
+    counts: dict[str, int]
+    app_rate: float
+    project_rate: float
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def ideal(self) -> float:
+        app = max((n - 1) / self.app_rate for n in self.counts.values())
+        return max((self.total - 1) / self.project_rate, app)
+
+
+def mixes(scale: float = 1.0) -> list[Mix]:
+    uniform = {f"app-{i:02d}": int(200 * scale) for i in range(40)}
+    hot = {"hot-app": 2000} | {f"app-{i:02d}": 2000 // 39 + (1 if i < 2000 % 39 else 0)
+                                for i in range(39)}  # fmt: skip
+    many = {f"app-{i:03d}": 40 for i in range(200)}
+    return [
+        Mix("(a) 40 apps uniform", uniform, 20, 800),
+        Mix("(b) hot app = half", hot, 100, 800),
+        Mix("(c) 200 apps, project binds", many, 20, 800),
+    ]
+
+
+async def publish_backlog(bootstrap: str, topic: str, counts: dict[str, int], seed: int) -> None:
+    order = [app for app, n in counts.items() for _ in range(n)]
+    random.Random(seed).shuffle(order)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20,
+                                acks="all")  # fmt: skip
+    await producer.start()
+    try:
+        for i, app in enumerate(order):
+            await producer.send(topic, orjson.dumps(sample_request(app, i)), key=app.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def make_topics(bootstrap: str, tag: str, partitions: int = 6) -> None:
+    settings = load(env={}, kafka_bootstrap=bootstrap, requests_topic=f"req-{tag}",
+                    results_topic=f"res-{tag}", status_topic=f"sta-{tag}", dlq_topic=f"dlq-{tag}",
+                    events_topic=f"evt-{tag}", topic_partitions=partitions)  # fmt: skip
+    await ensure_topics(settings)
+
+
+async def drain(
+    proc: subprocess.Popen[bytes], sim_port: int, total: int, timeout: float
+) -> dict[str, Any]:
+    """Sample the process and the simulator until every message is accepted."""
+    cpu_first: float | None = None
+    cpu = hwm = 0.0
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        while True:
+            stats = await sim_stats(http, sim_port)
+            try:
+                cpu = cpu_seconds(proc.pid)
+                hwm = rss_mb(proc.pid, "VmHWM")
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # exited; keep the last sample
+            accepted = int(stats["accepted_total"])  # type: ignore[call-overload]
+            if cpu_first is None and accepted > 0:
+                cpu_first = cpu
+            if accepted >= total or time.monotonic() - started > timeout or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        return {
+            "stats": stats,
+            "cpu": cpu - (cpu_first or cpu),
+            "hwm": hwm,
+            "elapsed": time.monotonic() - started,
+        }
+
+
+def figures(mix: Mix, stats: dict[str, Any], sent: int, cpu: float, hwm: float,
+            start_wall: float) -> dict[str, Any]:  # fmt: skip
+    span = (stats["last_send_time"] or 0) - (stats["first_send_time"] or 0)
+    if __debug__ and "BENCH_DEBUG" in __import__("os").environ:
+        print("debug", {k: stats[k] for k in ("first_send_time", "last_send_time",
+              "accepted_total", "received_total")})
+    ideal_sent = mix.ideal * sent / mix.total
+    by_app = stats["max_received_per_s"]["by_app"]
+    return {
+        "sent": sent,
+        "ideal_s": ideal_sent,
+        "actual_s": span,
+        "efficiency": ideal_sent / span if span > 0 else 0.0,
+        "startup_s": (stats["first_send_wall"] or start_wall) - start_wall,
+        "429": stats["rejected_429"]["total"],
+        "429_scopes": {k: v for k, v in stats["rejected_429"].items() if k != "total"},
+        "max_app_window": max(by_app.values()) if by_app else 0,
+        "max_project_window": stats["max_received_per_s"]["project"],
+        "cpu_us": cpu / max(1, sent) * 1e6,
+        "rss_mb": hwm,
+    }
+
+
+async def run_gateway(bootstrap: str, mix: Mix, seed: int) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    await make_topics(bootstrap, tag)
+    await publish_backlog(bootstrap, f"req-{tag}", mix.counts, seed)
+    sim_port, http_port = free_port(), free_port()
+    sim = start_simulator(sim_port, "--strict", "--app-rate", str(mix.app_rate),
+                          "--project-rate", str(mix.project_rate))  # fmt: skip
+    env = gateway_env(bootstrap, sim_port, http_port, tag, app_rate=mix.app_rate,
+                      project_rate=mix.project_rate)  # fmt: skip
+    start_wall = time.time()
+    gw = start_gateway(env)
+    try:
+        wait_port(http_port)
+        out = await drain(gw, sim_port, mix.total, timeout=mix.ideal * 3 + 60)
+    finally:
+        stop(gw)
+        stop(sim)
+    stats = out["stats"]
+    return figures(mix, stats, int(stats["accepted_total"]), out["cpu"], out["hwm"], start_wall)
+
+
+async def run_baseline(bootstrap: str, mix: Mix, seed: int, seconds: float) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    await make_topics(bootstrap, tag)
+    await publish_backlog(bootstrap, f"req-{tag}", mix.counts, seed)
+    sim_port = free_port()
+    sim = start_simulator(sim_port, "--strict", "--app-rate", str(mix.app_rate),
+                          "--project-rate", str(mix.project_rate))  # fmt: skip
+    start_wall = time.time()
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "benchmarks.baseline_loop", "--bootstrap", bootstrap,
+         "--topic", f"req-{tag}", "--results", f"res-{tag}", "--sim-port", str(sim_port),
+         "--app-rate", str(mix.app_rate), "--project-rate", str(mix.project_rate),
+         "--seconds", str(seconds)],
+    )  # fmt: skip
+    try:
+        out = await drain(proc, sim_port, mix.total, timeout=seconds + 30)
+    finally:
+        stop(proc)
+        stop(sim)
+    stats = out["stats"]
+    return figures(mix, stats, int(stats["accepted_total"]), out["cpu"], out["hwm"], start_wall)
+
+
+ROWS = [
+    ("messages sent", "sent", "{:.0f}"),
+    ("ideal time (s)", "ideal_s", "{:.2f}"),
+    ("actual time (s)", "actual_s", "{:.2f}"),
+    ("efficiency", "efficiency", "{:.3f}"),
+    ("start to first send (s)", "startup_s", "{:.2f}"),
+    ("429 answers", "429", "{:.0f}"),
+    ("max in 1 s, busiest app", "max_app_window", "{:.0f}"),
+    ("max in 1 s, project", "max_project_window", "{:.0f}"),
+    ("CPU per message (us)", "cpu_us", "{:.0f}"),
+    ("peak RSS (MB)", "rss_mb", "{:.0f}"),
+]
+
+
+def print_mix(mix: Mix, gw: dict[str, Any], base: dict[str, Any]) -> None:
+    print(f"\n{mix.name}: {mix.total} messages, {len(mix.counts)} apps, app cap "
+          f"{mix.app_rate:g}/s, project cap {mix.project_rate:g}/s")  # fmt: skip
+    print(f"  {'':<26}{'gateway':>12}{'simple loop':>14}")
+    for label, key, fmt in ROWS:
+        print(f"  {label:<26}{fmt.format(gw[key]):>12}{fmt.format(base[key]):>14}")
+    print(f"  429s by scope: gateway {gw['429_scopes']}, simple loop {base['429_scopes']}")
+
+
+async def memory_run(bootstrap: str, records: int, seconds: float) -> None:
+    tag = uuid.uuid4().hex[:8]
+    await make_topics(bootstrap, tag)
+    apps = {f"app-{i:02d}": records // 20 for i in range(20)}
+    t0 = time.monotonic()
+    await publish_backlog(bootstrap, f"req-{tag}", apps, seed=1)
+    print(f"published {records:,} records in {time.monotonic() - t0:.0f} s")
+    sim_port, http_port = free_port(), free_port()
+    sim = start_simulator(sim_port, "--app-rate", "500", "--project-rate", "10000")
+    env = gateway_env(bootstrap, sim_port, http_port, tag, app_rate=500, project_rate=10000)
+    gw = start_gateway(env)
+    samples: list[tuple[float, float, int]] = []
+    try:
+        wait_port(http_port)
+        async with aiohttp.ClientSession() as http:
+            start = time.monotonic()
+            while time.monotonic() - start < seconds:
+                await asyncio.sleep(2)
+                stats = await sim_stats(http, sim_port)
+                samples.append((time.monotonic() - start, rss_mb(gw.pid),
+                                int(stats["accepted_total"])))  # type: ignore[call-overload]  # fmt: skip
+        hwm = rss_mb(gw.pid, "VmHWM")
+    finally:
+        stop(gw)
+        stop(sim)
+    print(f"{'t (s)':>6}{'RSS (MB)':>10}{'sent':>10}")
+    for t, rss, sent in samples:
+        print(f"{t:>6.0f}{rss:>10.1f}{sent:>10}")
+    rates = samples[-1][2] / samples[-1][0] if samples else 0
+    print(f"backlog {records:,}; drained {samples[-1][2]:,} in {samples[-1][0]:.0f} s "
+          f"({rates:,.0f}/s); peak RSS {hwm:.0f} MB")  # fmt: skip
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--memory", action="store_true", help="the 1,000,000-record memory run")
+    p.add_argument("--records", type=int, default=1_000_000)
+    p.add_argument("--seconds", type=float, default=60)
+    p.add_argument("--baseline-seconds", type=float, default=20)
+    p.add_argument("--only", help="run only the mixes whose name contains this")
+    p.add_argument("--scale", type=float, default=1.0, help="backlog of mix (a) times this")
+    ns = p.parse_args()
+    with EmbeddedBroker() as broker:
+        if ns.memory:
+            await memory_run(broker.bootstrap, ns.records, ns.seconds)
+            return
+        print("rates as in Sinch (app 20/s, project 800/s), except mix (b): app 100/s "
+              "to keep the hot app's drain at 20 s; simulator in strict mode")  # fmt: skip
+        for i, mix in enumerate(mixes(ns.scale)):
+            if ns.only and ns.only not in mix.name:
+                continue
+            gw = await run_gateway(broker.bootstrap, mix, seed=i)
+            base = await run_baseline(broker.bootstrap, mix, seed=i, seconds=ns.baseline_seconds)
+            print_mix(mix, gw, base)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

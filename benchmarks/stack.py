@@ -1,0 +1,111 @@
+"""Processes for the benchmarks: broker, simulator and gateway, each its own process.
+
+Each runs as a separate OS process so that CPU time and memory are measured for the
+gateway alone (from /proc), never mixed with the broker's or the simulator's.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int, key: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_simulator(port: int, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "gateway", "simulate", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return proc
+
+
+def start_gateway(env: dict[str, str], log_path: str | None = None) -> subprocess.Popen[bytes]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    out = Path(log_path).open("ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    cmd = [sys.executable, "-m", "gateway", "run", "--log-format", "text"]
+    proc = subprocess.Popen(  # noqa: S603
+        cmd,
+        env={**base, **env}, stdout=out, stderr=out,
+    )  # fmt: skip
+    if os.environ.get("BENCH_PYSPY"):  # profile the gateway: BENCH_PYSPY=out.txt
+        subprocess.Popen(  # noqa: S603
+            ["py-spy", "record", "--format", "raw", "-o", os.environ["BENCH_PYSPY"], "-d", "12",
+             "-r", "200", "-p", str(proc.pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    return proc
+
+
+def gateway_env(bootstrap: str, sim_port: int, http_port: int, tag: str, **extra: object) -> dict[str, str]:
+    env = {
+        "GATEWAY_KAFKA_BOOTSTRAP": bootstrap,
+        "GATEWAY_PROJECT_ID": "demo-project",
+        "GATEWAY_KEY_ID": "demo-key",
+        "GATEWAY_KEY_SECRET": "demo-secret",
+        "GATEWAY_AUTH_URL": f"http://127.0.0.1:{sim_port}/oauth2/token",
+        "GATEWAY_CONVERSATION_URL": f"http://127.0.0.1:{sim_port}/{{region}}",
+        "GATEWAY_HTTP_HOST": "127.0.0.1",
+        "GATEWAY_HTTP_PORT": str(http_port),
+        "GATEWAY_REQUESTS_TOPIC": f"req-{tag}",
+        "GATEWAY_RESULTS_TOPIC": f"res-{tag}",
+        "GATEWAY_STATUS_TOPIC": f"sta-{tag}",
+        "GATEWAY_DLQ_TOPIC": f"dlq-{tag}",
+        "GATEWAY_EVENTS_TOPIC": f"evt-{tag}",
+        "GATEWAY_GROUP_ID": f"grp-{tag}",
+        "GATEWAY_SESSION_TIMEOUT_S": "6",
+        "GATEWAY_LOG_LEVEL": "WARNING",
+    }
+    env.update({f"GATEWAY_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+async def sim_stats(http: aiohttp.ClientSession, port: int) -> dict[str, object]:
+    async with http.get(f"http://127.0.0.1:{port}/_sim/stats") as resp:
+        return await resp.json()  # type: ignore[no-any-return]
+
+
+async def sim_post(http: aiohttp.ClientSession, port: int, path: str, doc: dict[str, object]) -> None:
+    async with http.post(f"http://127.0.0.1:{port}{path}", json=doc) as resp:
+        resp.raise_for_status()
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -1,0 +1,150 @@
+"""Lanes, hierarchical buckets, back-pressure and offsets on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import datetime
+
+import orjson
+
+from gateway.cli import sample_request
+from gateway.settings import AppSettings
+from tests.conftest import wait_for
+from tests.integration.harness import (
+    committed_total,
+    publish,
+    read_records,
+    running,
+    settings_for,
+)
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def one_partition(docs: list[dict]) -> list[tuple[bytes, bytes]]:
+    """Same key for all: every record lands in one partition, behind each other."""
+    return [(b"same-partition", orjson.dumps(d)) for d in docs]
+
+
+async def test_a_throttled_app_does_not_delay_other_apps(broker, simulator_factory, topics):
+    sim = await simulator_factory(strict=True, app_rate=50, app_rates={"slow": 2})
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=50,
+                            apps={"slow": AppSettings(rate=2)})  # fmt: skip
+    docs = [sample_request("slow", i) for i in range(50)]  # first in the partition
+    docs += [sample_request(f"fast-{i % 10}", i) for i in range(500)]
+    async with running(settings):
+        await publish(broker.bootstrap, settings.requests_topic, one_partition(docs))
+
+        async def fast_done() -> bool:
+            stats = await sim.stats()
+            by_app = stats["accepted_by_app"]
+            return sum(n for a, n in by_app.items() if a.startswith("fast")) == 500
+
+        await wait_for(fast_done, 30, what="the 500 fast messages")
+        accepted = await sim.accepted()
+    fast = sorted(ts(a["accepted_time"]) for a in accepted if a["app_id"].startswith("fast"))
+    slow = [a for a in accepted if a["app_id"] == "slow"]
+    # 50 per fast app at 50/s: about 1 s; the slow app's 50 would take 25 s.
+    assert fast[-1] - fast[0] < 1.6, fast[-1] - fast[0]
+    assert len(slow) <= 2 * (fast[-1] - fast[0]) + 3
+    stats = await sim.stats()
+    assert stats["rejected_429"]["total"] == 0
+
+
+async def test_busy_apps_share_the_project_cap_fairly(broker, simulator_factory, topics):
+    sim = await simulator_factory(strict=True, app_rate=100, project_rate=200)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=100, project_rate=200)
+    # app-0 has 4x the backlog of the others: it must not get 4x the share
+    docs = [sample_request("app-0", i) for i in range(240)]
+    docs += [sample_request(f"app-{1 + i % 9}", i) for i in range(9 * 60)]
+    async with running(settings):
+        await publish(broker.bootstrap, settings.requests_topic, one_partition(docs))
+
+        async def enough() -> bool:
+            return (await sim.stats())["accepted_total"] >= 500
+
+        await wait_for(enough, 30, what="500 accepted sends")
+        accepted = await sim.accepted()
+    times = sorted((ts(a["accepted_time"]), a["app_id"]) for a in accepted)
+    start = times[0][0]
+    window = Counter(app for t, app in times if t - start < 2.0)  # every app still busy
+    fair = sum(window.values()) / 10
+    for app, n in window.items():
+        assert abs(n - fair) <= 0.1 * fair + 1, (app, n, fair)
+    assert len(window) == 10
+    assert (await sim.stats())["rejected_429"]["total"] == 0
+
+
+async def test_committed_offset_never_passes_an_unfinished_record(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(app_rate=200)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=200, topic_partitions=1)
+    await sim.post("/_sim/hold", {"app_id": "held"})
+    docs = [sample_request("free", i) for i in range(20)]
+    docs += [sample_request("held", 0)]  # offset 20
+    docs += [sample_request("free", i) for i in range(20, 100)]
+    async with running(settings) as gw:
+        await publish(broker.bootstrap, settings.requests_topic, one_partition(docs))
+
+        async def free_done() -> bool:
+            return (await sim.stats())["accepted_by_app"].get("free", 0) == 100
+
+        await wait_for(free_done, 30, what="the free app's sends")
+        assert gw.intake is not None
+        tracker = gw.intake.trackers[0]
+        await wait_for(lambda: tracker.committed == 20, 10, what="commit up to the held record")
+        await gw.intake.commit()
+        assert tracker.committed == 20  # not past the held record, though 80 after it are done
+        await sim.post("/_sim/release")
+        await wait_for(lambda: tracker.committed == 101, 10, what="commit of everything")
+    assert await committed_total(broker.bootstrap, settings.requests_topic,
+                                 settings.group_id, 1) == 101  # fmt: skip
+
+
+async def test_backpressure_keeps_buffered_records_under_the_budget(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(app_rate=400, project_rate=800)
+    budget = 50
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=400,
+                            max_buffered_records=budget)  # fmt: skip
+    docs = [sample_request(f"app-{i % 4}", i) for i in range(1500)]
+    peak = 0
+    paused_seen = False
+    async with running(settings) as gw:
+        await publish(broker.bootstrap, settings.requests_topic, one_partition(docs))
+        assert gw.intake is not None
+        intake = gw.intake
+
+        async def sample() -> bool:
+            nonlocal peak, paused_seen
+            peak = max(peak, intake.buffered)
+            paused_seen = paused_seen or intake.paused
+            return (await sim.stats())["accepted_total"] >= 1500
+
+        await wait_for(sample, 60, interval=0.005, what="the whole drain")
+    assert 0 < peak <= budget
+    assert paused_seen
+
+
+async def test_priority_high_before_normal_before_low_within_a_lane(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(app_rate=5)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=5)
+    docs = [sample_request("p", i, priority=p) for i, p in enumerate(["low"] * 3 + ["normal"] * 3
+                                                                     + ["high"] * 3)]  # fmt: skip
+    expected = [d["request_id"] for d in docs[6:] + docs[3:6] + docs[:3]]
+    async with running(settings):
+        await publish(broker.bootstrap, settings.requests_topic, one_partition(docs))
+        results = await read_records(broker.bootstrap, settings.results_topic, 9, 30)
+    assert len(results) == 9
+    accepted = await sim.accepted()
+    order = [a["correlation_id"] for a in sorted(accepted, key=lambda a: a["accepted_time"])]
+    # the first record may already be on its way before the rest arrive; the others keep order
+    assert order[1:] == [r for r in expected if r != order[0]]
+    await asyncio.sleep(0)
