@@ -26,6 +26,7 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
+from gateway.adaptive import AdaptiveRates
 from gateway.admin import Health, make_admin_app, start_site
 from gateway.consumer import Intake
 from gateway.dedupe import RecentIds
@@ -178,6 +179,8 @@ class Gateway:
             )  # fmt: skip
             lanes = self._make_lanes(delivery, clock)
             self.lanes = lanes
+            adaptive = AdaptiveRates(lanes.project_bucket, clock)
+            delivery.feedback = adaptive
             intake = Intake(
                 settings=s, metrics=m, lanes=lanes, delivery=delivery, publisher=publisher,
                 sent_ids=sent_ids, clock=clock,
@@ -199,6 +202,7 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 run_task = tg.create_task(intake.run(), name="intake")
                 commit_task = tg.create_task(intake.commit_loop(), name="commits")
+                tg.create_task(adaptive.run(stop), name="adaptive-rates")
                 await stop.wait()
                 # the ordered shutdown of the module docstring
                 self._stopping = True

@@ -177,10 +177,12 @@ class Intake:
 
     def _take(self, tracker: PartitionTracker, record: Any) -> None:
         offset = record.offset
-        if offset in tracker.skip:
-            tracker.skip.discard(offset)
-            return
         tracker.add(offset)
+        if offset in tracker.skip:  # finished before a crash or rebalance (commit metadata)
+            tracker.skip.discard(offset)
+            tracker.done(offset)
+            self._m.duplicates.inc()
+            return
         self._m.consumed.inc()
         value = record.value
         size = len(value) if value else 0

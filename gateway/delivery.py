@@ -10,6 +10,7 @@ offset can be committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -102,14 +103,19 @@ class Delivery:
         self._sent_ids = sent_ids
         self._clock = clock
         self._on_finished = on_finished
-        self._feedback = feedback
+        self.feedback = feedback
         self._on_auth_refused = on_auth_refused
         self._on_sent = on_sent
         self.app_pause_s = 30.0
+        self.auth_hold_until = 0.0
 
     async def gate(self) -> None:
         """Wait until sending may go on: credentials accepted and a token at hand."""
         while True:
+            hold = self.auth_hold_until - self._clock()
+            if hold > 0:
+                await asyncio.sleep(hold)
+                continue
             try:
                 await self._tokens.authorization()
                 return
@@ -136,16 +142,16 @@ class Delivery:
             if not isinstance(exc, AuthError):
                 self._m.responses.labels(status_class(status)).inc()
                 self._m.sinch_latency.observe(self._clock() - started)
-            if self._feedback is not None:
-                self._feedback.on_answer(lane, status)
+            if self.feedback is not None:
+                self.feedback.on_answer(lane, status)
             decision = classify(exc, retry_in_doubt=s.retry_in_doubt, renewed=req.renewed)
             await self._after_error(req, lane, exc, decision, header)
             return
         now = self._clock()
         self._m.responses.labels("2xx").inc()
         self._m.sinch_latency.observe(now - started)
-        if self._feedback is not None:
-            self._feedback.on_answer(lane, 200)
+        if self.feedback is not None:
+            self.feedback.on_answer(lane, 200)
         if req.timestamp_ms:
             self._m.e2e.observe(max(0.0, time.time() - req.timestamp_ms / 1000))
         self._sent_ids.add(req.request_id)
@@ -211,10 +217,16 @@ class Delivery:
             lane.pause(now + self.app_pause_s, decision.reason)
             lane.put_retry(req, now)
         elif action is Action.PAUSE_AUTH:
+            # credentials refused even with a fresh token: hold every lane, not the DLQ
             req.attempts -= 1
-            if self._on_auth_refused is not None:
-                self._on_auth_refused(decision.reason)
-            lane.put_retry(req, now + self._s.backoff_max_s)
+            req.renewed = False
+            if self.auth_hold_until <= now:
+                self.auth_hold_until = now + self._s.backoff_max_s
+                if self._on_auth_refused is not None:
+                    self._on_auth_refused(decision.reason)
+                with contextlib.suppress(AuthError):
+                    await self._tokens.renew(header)
+            lane.put_retry(req, now)
         else:
             await self.fail(req, decision.reason, exc)
 
