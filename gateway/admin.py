@@ -1,25 +1,50 @@
 """The admin HTTP server: ``/metrics``, ``/healthz``, ``/readyz`` (and the webhook).
 
-``/healthz`` says the process and its event loop answer. ``/readyz`` answers 200
-only when Kafka is connected, partitions are assigned (or the group is still
-joining), a valid token is held (or Basic auth is used) and sending is not held
-for refused credentials; its JSON body says which check failed.
+``/healthz`` says the process and its event loop answer:
+``{"status": "ok", "version": ..., "uptime_s": ...}``. ``/readyz`` answers 200
+only when every check passes: Kafka is connected, partitions are assigned (or
+the group is still joining), a valid token is held (or Basic auth is used) and
+sending is not held for refused credentials. Otherwise 503, and ``reason``
+names the failed checks; the body is
+``{"ready": bool, "reason": str, "checks": {name: {"ok": bool, "detail": str}}}``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from gateway import __version__
+
 Check = Callable[[], tuple[bool, str]]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Health:
+    """Named readiness checks; each returns ``(ok, detail)`` and must not block."""
+
     checks: dict[str, Check]
+    started: float = field(default_factory=time.monotonic)
+
+    def run(self) -> dict[str, tuple[bool, str]]:
+        results: dict[str, tuple[bool, str]] = {}
+        for name, check in self.checks.items():
+            try:
+                results[name] = check()
+            except Exception as exc:  # a broken check means "not ready", not a 500
+                log.exception("readiness check %s failed", name)
+                results[name] = (False, f"check failed: {type(exc).__name__}")
+        return results
+
+    def ready(self) -> bool:
+        return all(ok for ok, _ in self.run().values())
 
 
 registry_key = web.AppKey("registry", CollectorRegistry)
@@ -35,17 +60,20 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    uptime = time.monotonic() - request.app[health_key].started
+    return web.json_response({"status": "ok", "version": __version__,
+                              "uptime_s": round(uptime, 3)})  # fmt: skip
 
 
 async def readyz(request: web.Request) -> web.Response:
-    results = {name: check() for name, check in request.app[health_key].checks.items()}
-    ready = all(ok for ok, _ in results.values())
+    results = request.app[health_key].run()
+    failed = [f"{name}: {detail}" for name, (ok, detail) in results.items() if not ok]
     body = {
-        "ready": ready,
+        "ready": not failed,
+        "reason": "; ".join(failed) if failed else "all checks pass",
         "checks": {name: {"ok": ok, "detail": detail} for name, (ok, detail) in results.items()},
     }
-    return web.json_response(body, status=200 if ready else 503)
+    return web.json_response(body, status=503 if failed else 200)
 
 
 def make_admin_app(registry: CollectorRegistry, health: Health) -> web.Application:

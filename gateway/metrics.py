@@ -9,10 +9,15 @@ name, the rest are counted as ``other``). The catalog with meanings lives in
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+STATUS_CLASSES = ("2xx", "4xx", "429", "5xx", "error")
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -32,6 +37,39 @@ class LabelCap:
             self._seen.add(value)
             return value
         return "other"
+
+
+class LaneDepth(Collector):
+    """``gateway_lane_depth{app_id}``, read from the lanes at scrape time.
+
+    Lanes come and go with the apps that have traffic, so the depth is not kept
+    in a gauge that would have to be updated on every put and get: the source
+    yields ``(app_id, depth)`` pairs and apps past the label cap are summed
+    into ``other``.
+    """
+
+    name = "gateway_lane_depth"
+    documentation = "Requests queued in an app's lane (retries included)."
+
+    def __init__(self, app_label: LabelCap) -> None:
+        self._app_label = app_label
+        self._source: Callable[[], Iterable[tuple[str, int]]] = tuple
+
+    def bind(self, source: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._source = source
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.name, self.documentation, labels=["app_id"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depths: dict[str, float] = {}
+        for app_id, depth in self._source():
+            label = self._app_label(app_id)
+            depths[label] = depths.get(label, 0.0) + depth
+        family = GaugeMetricFamily(self.name, self.documentation, labels=["app_id"])
+        for label, total in sorted(depths.items()):
+            family.add_metric([label], total)
+        yield family
 
 
 class Metrics:
@@ -97,10 +135,8 @@ class Metrics:
             "gateway_in_flight_requests", "Requests sent to Sinch and not answered yet.",
             registry=r,
         )  # fmt: skip
-        self.lane_depth = Gauge(
-            "gateway_lane_depth", "Requests queued in an app's lane (retries included).",
-            ["app_id"], registry=r,
-        )  # fmt: skip
+        self.lane_depth = LaneDepth(self.app_label)
+        r.register(self.lane_depth)
         self.buffered = Gauge(
             "gateway_buffered_records",
             "Records read from Kafka and not finished yet (the memory budget).",
@@ -132,12 +168,14 @@ class Metrics:
         )
         self.token_expires_in = Gauge(
             "gateway_token_expires_in_seconds",
-            "Seconds until the current access token expires (negative: none valid).",
+            "Seconds until the current OAuth2 access token expires "
+            "(-1: none valid; 0 with Basic auth, which has no token).",
             registry=r,
         )
         self.sending_paused = Gauge(
             "gateway_sending_paused",
-            "1 while sending is held: scope 'auth' (credentials refused) or 'app'.",
+            "Sending held: scope 'auth' is 1 while Sinch refuses the credentials; "
+            "scope 'app' counts the app lanes held after an app-level refusal.",
             ["scope"],
             registry=r,
         )
@@ -151,3 +189,13 @@ class Metrics:
             "gateway_offset_commits", "Offset commits, by result.", ["result"], registry=r
         )
         self.ready = Gauge("gateway_ready", "1 when /readyz answers 200.", registry=r)
+
+        # Children of fixed label sets exist from the start at 0, so that rate()
+        # and increase() also count the first event of a series.
+        for status_class in STATUS_CLASSES:
+            self.responses.labels(status_class)
+        for result in ("success", "failure"):
+            self.token_refreshes.labels(result)
+            self.commits.labels(result)
+        for scope in ("auth", "app"):
+            self.sending_paused.labels(scope)
