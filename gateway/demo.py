@@ -57,7 +57,8 @@ async def read_records(
 
 
 async def publish(bootstrap: str, topic: str, docs: list[tuple[bytes | None, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                                max_request_size=8 << 20)  # fmt: skip
     await producer.start()
     try:
         for key, value in docs:

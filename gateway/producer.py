@@ -82,7 +82,8 @@ class Publisher:
             acks="all",
             enable_idempotence=self._settings.producer_idempotence,
             linger_ms=5,
-            max_request_size=max(1_048_576, self._settings.max_message_bytes + 65_536),
+            # the DLQ must take any record the consumer could read, oversized ones included
+            max_request_size=max(8 << 20, 2 * self._settings.max_message_bytes),
         )
         await producer.start()
         self._producer = producer

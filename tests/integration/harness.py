@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +18,10 @@ from gateway.cli import sample_request
 from gateway.demo import demo_settings, publish, read_records
 from gateway.settings import Settings
 
-__all__ = ["committed_total", "publish", "read_records", "requests_for", "running", "settings_for"]
+__all__ = [
+    "committed_total", "publish", "read_records", "requests_for", "running", "settings_for",
+    "spawn", "to_env",
+]  # fmt: skip
 
 
 def settings_for(bootstrap: str, sim_port: int, topics: dict[str, str], **kw: Any) -> Settings:
@@ -64,3 +70,31 @@ async def committed_total(bootstrap: str, topic: str, group_id: str, partitions:
         return total
     finally:
         await consumer.stop()
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """GATEWAY_* variables for a gateway subprocess with these settings."""
+    import dataclasses
+
+    from gateway.settings import Secret
+
+    env: dict[str, str] = {}
+    defaults = Settings()
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if f.name in ("apps", "channel_rates") or value == getattr(defaults, f.name):
+            continue
+        if isinstance(value, Secret):
+            value = value.reveal()
+        env[f"GATEWAY_{f.name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def spawn(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
+    """``gateway run`` as a process of its own (for kill and signal tests)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    with open(log_path, "ab") as log:  # noqa: PTH123
+        return subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "gateway", "run", "--log-format", "text"],
+            env={**base, **to_env(settings)}, stdout=log, stderr=log,
+        )  # fmt: skip

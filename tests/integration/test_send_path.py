@@ -114,7 +114,7 @@ async def test_short_token_lifetime_no_failures_and_one_fetch_per_lifetime(
     sim = await simulator_factory(token_lifetime_s=2.0, app_rate=20, strict=True)
     settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=20)
     apps = [f"t{i}" for i in range(6)]
-    docs = requests_for(apps, 6 * 20 * 10)  # 10 seconds at 20/s per app
+    docs = requests_for(apps, 6 * 20 * 15)  # 15 seconds at 20/s per app
     async with running(settings):
         await publish(broker.bootstrap, settings.requests_topic, docs)
         results = await read_records(broker.bootstrap, settings.results_topic, len(docs), 60)
@@ -122,5 +122,5 @@ async def test_short_token_lifetime_no_failures_and_one_fetch_per_lifetime(
     assert statuses.count("sent") == len(docs)
     stats = await sim.stats()
     assert stats["unauthorized_401"] == 0
-    # one fetch per lifetime (refreshed a little ahead): about 5-8 in ~10-11 s, not one per sender
-    assert 4 <= stats["token_requests"] <= 10, stats["token_requests"]
+    # one fetch per lifetime (refreshed half a second ahead): about 10 in 15 s, not one per sender
+    assert 6 <= stats["token_requests"] <= 14, stats["token_requests"]

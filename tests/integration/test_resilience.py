@@ -1,0 +1,227 @@
+"""Faults: kills, signals, broken input, Sinch errors and a broker that is not there yet."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from gateway.app import Gateway
+from gateway.broker import EmbeddedBroker, free_port
+from gateway.cli import sample_request
+from tests.conftest import wait_for
+from tests.integration.harness import (
+    publish,
+    read_records,
+    requests_for,
+    running,
+    settings_for,
+    spawn,
+)
+
+
+async def accepted_ids(sim) -> set[str]:
+    return {a["correlation_id"] for a in await sim.accepted()}
+
+
+async def test_sigkill_three_times_during_a_drain_loses_nothing(
+    broker, simulator_factory, topics, tmp_path
+):
+    sim = await simulator_factory(app_rate=10)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=10, max_in_flight=64,
+                            session_timeout_s=2.0, http_port=0)  # fmt: skip
+    docs = requests_for([f"k{i}" for i in range(20)], 3000)
+    wanted = {orjson.loads(v)["request_id"] for _, v in docs}
+    await publish(broker.bootstrap, settings.requests_topic, docs)
+    log = str(tmp_path / "gateway.log")
+    for threshold in (500, 1200, 1900):
+        proc = spawn(settings, log)
+
+        async def past(n: int = threshold) -> bool:
+            return (await sim.stats())["accepted_total"] >= n
+
+        await wait_for(past, 60, what=f"{threshold} accepted sends")
+        proc.kill()
+        assert proc.wait(10) == -signal.SIGKILL
+    proc = spawn(settings, log)
+    try:
+        async def all_sent() -> bool:
+            return await accepted_ids(sim) >= wanted
+
+        await wait_for(all_sent, 120, interval=0.5, what="every request accepted")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    stats = await sim.stats()
+    duplicates = stats["duplicates"]["total"]
+    print(f"duplicates after 3 SIGKILLs: {duplicates} of {len(wanted)}")
+    assert duplicates <= 3 * settings.max_in_flight
+
+
+async def test_sigterm_mid_drain_exits_0_commits_and_restart_sends_no_duplicates(
+    broker, simulator_factory, topics, tmp_path
+):
+    sim = await simulator_factory(app_rate=25)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=25,
+                            shutdown_timeout_s=5.0, session_timeout_s=2.0)  # fmt: skip
+    docs = requests_for([f"t{i}" for i in range(8)], 800)
+    wanted = {orjson.loads(v)["request_id"] for _, v in docs}
+    await publish(broker.bootstrap, settings.requests_topic, docs)
+    log = str(tmp_path / "gateway.log")
+    proc = spawn(settings, log)
+
+    async def some() -> bool:
+        return (await sim.stats())["accepted_total"] >= 200
+
+    await wait_for(some, 60, what="200 accepted sends")
+    sent_before = (await sim.stats())["accepted_total"]
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, 30)
+    took = time.monotonic() - started
+    assert code == 0
+    assert took < settings.shutdown_timeout_s + 5
+    assert sent_before < len(wanted)
+    proc = spawn(settings, log)
+    try:
+        async def rest() -> bool:
+            return await accepted_ids(sim) >= wanted
+
+        await wait_for(rest, 90, interval=0.5, what="the rest of the backlog")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert (await sim.stats())["duplicates"]["total"] == 0
+
+
+async def test_injected_5xx_and_a_429_burst_deliver_everything_and_the_rate_adapts(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(strict=True, app_rate=100, project_rate=160, error_rate=0.1)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=100, project_rate=160,
+                            backoff_base_s=0.1, backoff_max_s=2.0)  # fmt: skip
+    docs = requests_for([f"f{i}" for i in range(4)], 160 * 14)
+    wanted = {orjson.loads(v)["request_id"] for _, v in docs}
+    paces: list[float] = []
+    async with running(settings) as gw:
+        await publish(broker.bootstrap, settings.requests_topic, docs)
+        assert gw.lanes is not None
+        project = gw.lanes.project_bucket
+
+        async def some() -> bool:
+            return (await sim.stats())["accepted_total"] >= 300
+
+        await wait_for(some, 30, what="300 accepted sends")
+        full = project.pace
+        await sim.post("/_sim/config", {"project_rate": 80})  # Sinch's cap drops to half
+        lowered_at = time.monotonic()
+        while time.monotonic() - lowered_at < 5:
+            paces.append(project.pace)
+            await asyncio.sleep(0.1)
+        await sim.post("/_sim/config", {"project_rate": 160})
+
+        async def recovered() -> bool:
+            return project.pace >= full * 0.99
+
+        await wait_for(recovered, 30, what="the effective rate to recover")
+
+        async def everything() -> bool:
+            return await accepted_ids(sim) >= wanted
+
+        await wait_for(everything, 60, interval=0.5, what="every message delivered")
+        results = await read_records(broker.bootstrap, settings.results_topic, len(docs), 30)
+    assert min(paces) < full * 0.75  # visibly dropped while the cap was halved
+    statuses = [orjson.loads(r.value)["status"] for r in results]
+    assert statuses.count("sent") == len(docs)
+    stats = await sim.stats()
+    assert stats["injected_5xx"]["total"] > 0
+    assert stats["rejected_429"]["project"] > 0
+    assert stats["max_accepted_per_s"]["project"] <= 160
+    assert max(stats["max_accepted_per_s"]["by_app"].values()) <= 100
+
+
+def malformed(i: int, good: dict) -> bytes:
+    kind = i % 8
+    if kind == 0:
+        return b"{not json " + str(i).encode()
+    if kind == 1:
+        return orjson.dumps(good)[: 20 + i % 30]  # truncated
+    if kind == 2:
+        return orjson.dumps({**good, "request_id": i})  # wrong type
+    if kind == 3:
+        return b'{"request_id": "\xff\xfe", "payload": {}}'  # invalid UTF-8
+    if kind == 4:
+        return orjson.dumps({**good, "request_id": f"bad-exp-{i}", "expire_at": "not a date"})
+    if kind == 5:
+        return orjson.dumps({**good, "request_id": f"bad-prio-{i}", "priority": "asap"})
+    if kind == 6:
+        return orjson.dumps({**good, "request_id": f"no-payload-{i}", "payload": None})
+    return orjson.dumps({**good, "request_id": f"big-{i}", "pad": "x" * (2 * 1024 * 1024)})
+
+
+async def test_a_thousand_malformed_records_go_to_the_dlq_and_good_ones_are_sent(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(app_rate=200)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=200)
+    good_docs = requests_for(["m0", "m1", "m2", "m3"], 400)
+    template = orjson.loads(good_docs[0][1])
+    bad = [malformed(i, template) for i in range(1000)]
+    mixed: list[tuple[bytes | None, bytes]] = []
+    for i in range(1000):
+        mixed.append((b"x", bad[i]))
+        if i % 5 == 0:
+            mixed.extend(good_docs[i // 5 * 2: i // 5 * 2 + 2])
+    async with running(settings):
+        await publish(broker.bootstrap, settings.requests_topic, mixed)
+        dlq = await read_records(broker.bootstrap, settings.dlq_topic, 1000, 90)
+        results = await read_records(broker.bootstrap, settings.results_topic, len(mixed), 60)
+    assert len(dlq) == 1000
+    assert all(dict(r.headers).get("gateway.reason") for r in dlq)
+    assert sorted(r.value for r in dlq) == sorted(bad)
+    statuses = [orjson.loads(r.value)["status"] for r in results]
+    assert statuses.count("rejected") == 1000
+    assert statuses.count("sent") == len(good_docs)
+
+
+async def test_broker_down_at_start_then_up_becomes_ready_and_drains(simulator_factory, topics):
+    sim = await simulator_factory(app_rate=50)
+    port = free_port()
+    late = EmbeddedBroker(port=port)
+    settings = settings_for(late.bootstrap, sim.port, topics, app_rate=50)
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        await wait_for(lambda: gateway.http_port is not None, 10, what="the admin server")
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{gateway.http_port}/readyz"
+
+            async def status() -> int:
+                async with http.get(url) as resp:
+                    return resp.status
+
+            assert await status() == 503
+            async with late:
+                await wait_for(gateway.started.wait, 60, what="the gateway to start")
+
+                async def ready() -> bool:
+                    return await status() == 200
+
+                await wait_for(ready, 30, what="/readyz 200")
+                docs = [(b"k", orjson.dumps(sample_request("late", i))) for i in range(50)]
+                await publish(late.bootstrap, settings.requests_topic, docs)
+                results = await read_records(late.bootstrap, settings.results_topic, 50, 30)
+                assert [orjson.loads(r.value)["status"] for r in results] == ["sent"] * 50
+                stop.set()
+                await asyncio.wait_for(task, 30)
+    finally:
+        stop.set()
+        if not task.done():
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task

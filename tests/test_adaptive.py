@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from gateway.adaptive import AdaptiveRates
+from gateway.lanes import Lane
+from gateway.limiter import Bucket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def setup() -> tuple[Clock, Bucket, dict[str, Lane], AdaptiveRates]:
+    clock = Clock()
+    project = Bucket("project:p", 800, clock=clock)
+    lanes = {a: Lane(a, Bucket(f"app:{a}", 20, clock=clock)) for a in ("a", "b", "c")}
+    return clock, project, lanes, AdaptiveRates(project, clock)
+
+
+def test_429s_from_one_app_slow_that_app_only_and_once_per_cooldown():
+    clock, project, lanes, rates = setup()
+    full = lanes["a"].bucket.pace
+    for _ in range(10):  # a burst of answers to requests already in flight
+        rates.on_answer(lanes["a"], 429)
+    assert lanes["a"].bucket.pace < full * 0.8
+    assert lanes["a"].bucket.pace > full * 0.6  # cut once, not ten times
+    assert lanes["b"].bucket.pace == full
+    assert project.factor == 1.0
+
+
+def test_429s_across_apps_slow_the_project():
+    clock, project, lanes, rates = setup()
+    for app in ("a", "b", "c"):
+        rates.on_answer(lanes[app], 429)
+        clock.now += 0.1
+    assert project.factor < 1.0
+
+
+def test_recovery_is_gradual_and_only_after_a_quiet_spell():
+    clock, project, lanes, rates = setup()
+    bucket = lanes["a"].bucket
+    full = bucket.pace
+    rates.on_answer(lanes["a"], 429)
+    low = bucket.pace
+    clock.now += 1.0
+    rates.tick()
+    assert bucket.pace == low  # not quiet long enough
+    clock.now += 1.5
+    rates.tick()
+    assert low < bucket.pace < full
+    for _ in range(20):
+        clock.now += 0.5
+        rates.tick()
+    assert bucket.pace == full
+    rates.on_answer(lanes["a"], 200)
+    assert bucket.pace == full
