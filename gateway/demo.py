@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -20,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from gateway import logs
 from gateway.app import Gateway
-from gateway.broker import EmbeddedBroker
+from gateway.broker import EmbeddedBroker, free_port
 from gateway.cli import sample_request
 from gateway.settings import Settings, load
 from gateway.simulator import cli as sim_cli
@@ -98,18 +99,26 @@ async def run_demo(
           f"(app cap {app_rate:g}/s, project cap {project_rate:g}/s, strict 1-second windows)")  # fmt: skip
     async with EmbeddedBroker() as broker:
         print(f"  broker     Tansu on {broker.bootstrap}")
-        sim = SimulatorSettings(port=0, strict=True, app_rate=app_rate, project_rate=project_rate)
+        # the simulator posts signed callbacks to the gateway's webhook (its own port)
+        hook_port, hook_secret = free_port(), secrets.token_urlsafe(24)
+        sim = SimulatorSettings(
+            port=0, strict=True, app_rate=app_rate, project_rate=project_rate,
+            callback_url=f"http://127.0.0.1:{hook_port}/webhooks/sinch",
+            callback_secret=hook_secret, callback_failed_fraction=0.05,
+        )  # fmt: skip
         sim_runner, sim_port = await sim_cli.start(sim)
         print(f"  simulator  http://127.0.0.1:{sim_port}")
         try:
             settings = demo_settings(broker.bootstrap, sim_port, app_rate=app_rate,
-                                     project_rate=project_rate)  # fmt: skip
+                                     project_rate=project_rate, webhook_port=hook_port,
+                                     webhook_secret=hook_secret)  # fmt: skip
             gateway = Gateway(settings)
             stop = asyncio.Event()
             task = asyncio.create_task(gateway.run(stop))
             await asyncio.wait({task, asyncio.ensure_future(gateway.started.wait())},
                                return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
             print(f"  gateway    admin on http://127.0.0.1:{gateway.http_port} (/metrics, /readyz)")
+            print(f"  webhook    http://127.0.0.1:{hook_port}/webhooks/sinch (signed callbacks)")
             docs = []
             for i in range(messages):
                 app_id = app_ids[i % apps]
@@ -120,6 +129,7 @@ async def run_demo(
             results = await read_records(broker.bootstrap, settings.results_topic, messages,
                                          timeout_s=60 + messages / (apps * app_rate) * 2)  # fmt: skip
             elapsed = time.monotonic() - started
+            callbacks = await _callbacks(broker.bootstrap, settings, sim_port, messages)
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 30)
@@ -130,6 +140,7 @@ async def run_demo(
         finally:
             await sim_runner.cleanup()
     _summary(results, elapsed, stats, app_rate, project_rate)
+    print(callbacks)
     docs_ok = sum(1 for r in results if orjson.loads(r.value)["status"] == "sent")
     return 0 if docs_ok == messages else 1
 
@@ -164,3 +175,26 @@ def _ts(text: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(text).timestamp()
+
+
+async def _callbacks(bootstrap: str, settings: Settings, sim_port: int, messages: int) -> str:
+    """One inbound message from the simulator, then what the webhook put on Kafka."""
+    inbound = {"app_id": "demo-app-1", "text": "hi"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"http://127.0.0.1:{sim_port}/_sim/inbound", json=inbound) as resp,
+    ):
+        await resp.read()
+    # QUEUED_ON_CHANNEL and DELIVERED/FAILED per message, the inbound one; "sent" + 2 reports
+    events = await read_records(bootstrap, settings.events_topic, 2 * messages + 1, timeout_s=15)
+    status = await read_records(bootstrap, settings.status_topic, 3 * messages, timeout_s=5)
+    triggers = Counter(dict(e.headers).get("sinch.trigger", b"?").decode() for e in events)
+    progress = Counter(orjson.loads(r.value)["status"] for r in status)
+    order = ["sent", "QUEUED_ON_CHANNEL", "DELIVERED", "READ", "FAILED", "SWITCHING_CHANNEL"]
+    return (
+        f"callbacks: {len(events)} events on {settings.events_topic} ("
+        + ", ".join(f"{t} {n}" for t, n in sorted(triggers.items()))
+        + f"); {len(status)} records on {settings.status_topic} keyed by request_id ("
+        + ", ".join(f"{s} {progress[s]}" for s in order if progress[s])
+        + ")"
+    )

@@ -222,8 +222,15 @@ class WebhookReceiver:
         if length is not None and length > limit:
             return None
         content = request.content
-        chunks: list[bytes] = []
-        size = 0
+        # A callback usually arrives with its headers: take what is buffered
+        # without a suspension, and wait for more only if there is more.
+        first = content.read_nowait()
+        if content.at_eof():
+            return first if len(first) <= limit else None
+        chunks = [first]
+        size = len(first)
+        if size > limit:
+            return None
         while chunk := await content.readany():
             size += len(chunk)
             if size > limit:
