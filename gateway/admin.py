@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from gateway import __version__
 
@@ -52,11 +53,10 @@ health_key = web.AppKey("health", Health)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
+    # Every name is a classic one, so the body is the 0.0.4 text format, which
+    # Prometheus 2 and 3 both parse; say so exactly (Prometheus 3 is strict about it).
     body = generate_latest(request.app[registry_key])
-    resp = web.Response(body=body)
-    resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-    resp.charset = "utf-8"
-    return resp
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 
 async def healthz(request: web.Request) -> web.Response:

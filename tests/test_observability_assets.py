@@ -1,0 +1,254 @@
+"""deploy/prometheus, deploy/grafana and deploy/METRICS.md, checked like code.
+
+promtool comes from the Debian package ``prometheus`` (.ci/run installs it); a missing
+promtool fails these tests rather than skipping them. The live checks (a real scrape,
+a real Prometheus) are in tests/integration/test_prometheus.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.metrics import Metrics
+from gateway.simulator.server import make_app
+from gateway.simulator.settings import SimulatorSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PROM = DEPLOY / "prometheus"
+ALERTS = PROM / "alerts.yml"
+ALERTS_TEST = PROM / "alerts_test.yml"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "sinch-gateway.json"
+CATALOG = DEPLOY / "METRICS.md"
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found on PATH: install the Debian package prometheus "
+                    "(apt-get install prometheus; .ci/run does it)")  # fmt: skip
+    return found
+
+
+def run_tool(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> str:
+    proc = subprocess.run(
+        [tool(args[0]), *args[1:]], input=stdin, capture_output=True, timeout=60,
+        check=False, cwd=cwd,
+    )  # fmt: skip
+    out = (proc.stdout + proc.stderr).decode()
+    assert proc.returncode == 0, out
+    return out
+
+
+# -- PromQL -------------------------------------------------------------------------
+
+_KEYWORDS = frozenset({
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
+    "unless", "offset", "inf", "nan",
+})  # fmt: skip
+_TOKEN = re.compile(
+    r"(?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?[a-z]*)|(?P<id>[A-Za-z_:][A-Za-z0-9_:]*)"
+)
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's variables replaced by values Prometheus accepts."""
+    expr = re.sub(r"\$__(?:rate_)?interval|\$\{__(?:rate_)?interval\}|\$__range", "1m", expr)
+    return re.sub(r"\$\{?\w+\}?", ".*", expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (functions, keywords, labels and grouping excluded)."""
+    expr = grafana_to_promql(expr)
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", " ", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)  # ranges and subqueries
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    expr = re.sub(r"\boffset\s+-?\w+", " ", expr)
+    names: set[str] = set()
+    for m in _TOKEN.finditer(expr):
+        name = m.group("id")
+        if name is None or name.lower() in _KEYWORDS:
+            continue
+        if expr[m.end() :].lstrip().startswith("("):
+            continue  # a function or an aggregation
+        names.add(name)
+    return names
+
+
+def test_metric_names_finds_metrics_and_nothing_else() -> None:
+    expr = (
+        "histogram_quantile(0.95, sum by (le, app_id) (rate(gateway_x_seconds_bucket"
+        '{job=~"$job", status="sent"}[$__rate_interval]))) / on (job) group_left (instance) '
+        "clamp_min(sum without (partition) (gateway_y_total offset 5m), 1e-9) > 0.5 "
+        'and absent(up{job=~".*sinch-gateway.*"} == 1) unless max_over_time(g_z[5m:1m]) > bool 1'
+    )
+    assert metric_names(expr) == {"gateway_x_seconds_bucket", "gateway_y_total", "up", "g_z"}
+
+
+def dashboard() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return doc
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    return [p for p in dashboard()["panels"] if p["type"] != "row"]
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in dashboard_panels() for t in p["targets"]]
+
+
+def dashboard_variable_queries() -> list[str]:
+    out = []
+    for var in dashboard()["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            inner = re.fullmatch(r"label_values\((.*),\s*\w+\)", query)
+            assert inner is not None, query
+            out.append(inner.group(1))
+    return out
+
+
+def alert_names() -> list[str]:
+    return re.findall(r"^\s*- alert:\s*(\w+)\s*$", ALERTS.read_text(), re.MULTILINE)
+
+
+# -- promtool ------------------------------------------------------------------------
+
+
+def test_promtool_check_config_accepts_prometheus_yml_and_its_rules() -> None:
+    out = run_tool("promtool", "check", "config", str(PROM / "prometheus.yml"))
+    assert "SUCCESS" in out
+    assert f"{len(alert_names())} rules found" in out
+
+
+def test_promtool_check_rules_accepts_the_alerts() -> None:
+    out = run_tool("promtool", "check", "rules", str(ALERTS))
+    assert f"SUCCESS: {len(alert_names())} rules found" in out
+
+
+def test_promtool_test_rules_provokes_every_alert() -> None:
+    run_tool("promtool", "test", "rules", ALERTS_TEST.name, cwd=PROM)
+    tested = set(re.findall(r"^\s*alertname:\s*(\w+)", ALERTS_TEST.read_text(), re.MULTILINE))
+    text = ALERTS_TEST.read_text()
+    fired = {
+        name for name in tested
+        if re.search(rf"alertname: {name}\n\s*exp_alerts:\n\s*- exp_labels", text)
+    }  # fmt: skip
+    assert sorted(fired) == sorted(alert_names())
+    assert len(alert_names()) >= 6
+
+
+def test_promtool_test_rules_fails_when_an_alert_does_not_fire(tmp_path: Path) -> None:
+    """The unit tests above can fail: raise a threshold and the DLQ alert stays silent."""
+    rules = ALERTS.read_text()
+    assert "> 0.05\n" in rules
+    (tmp_path / "alerts.yml").write_text(rules.replace("> 0.05\n", "> 0.5\n", 1))
+    shutil.copy(ALERTS_TEST, tmp_path / ALERTS_TEST.name)
+    proc = subprocess.run(
+        [tool("promtool"), "test", "rules", ALERTS_TEST.name], cwd=tmp_path,
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert b"GatewayDLQRateHigh" in proc.stdout + proc.stderr
+
+
+def test_the_required_alerts_exist() -> None:
+    required = {"GatewayDLQRateHigh", "GatewaySustained429s", "GatewayConsumerLagGrowing",
+                "GatewayTokenRefreshFailing", "GatewayNothingSent", "GatewayDown"}  # fmt: skip
+    assert required <= set(alert_names())
+    assert len(set(alert_names())) == len(alert_names())
+
+
+# -- Grafana -------------------------------------------------------------------------
+
+
+def test_dashboard_is_well_formed() -> None:
+    doc = dashboard()
+    assert doc["uid"] == "sinch-gateway"
+    ids = [p["id"] for p in doc["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in doc["panels"]:
+        pos = p["gridPos"]
+        assert pos["x"] >= 0, p["title"]
+        assert pos["x"] + pos["w"] <= 24, p["title"]
+    for p in dashboard_panels():
+        assert p["targets"], p["title"]
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        for t in p["targets"]:
+            assert t["expr"].strip(), p["title"]
+            assert t["datasource"]["uid"] == "${datasource}"
+    refs = [t["refId"] for p in dashboard_panels() for t in p["targets"]]
+    assert all(refs)
+
+
+def test_dashboard_has_per_app_variables_used_by_the_app_panels() -> None:
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert {"datasource", "job", "instance", "app"} <= set(variables)
+    app = variables["app"]
+    assert app["multi"] is True
+    assert app["includeAll"] is True
+    assert app["allValue"] == ".*"
+    assert "app_id" in app["query"]["query"]
+    for expr in dashboard_exprs():
+        if "gateway_lane_depth" in expr or 'scope="app"' in expr:
+            assert "$app" in expr, expr
+    assert sum("$app" in e for e in dashboard_exprs()) >= 6
+
+
+def test_dashboard_covers_every_gateway_metric() -> None:
+    m = Metrics(CollectorRegistry())
+    used = set().union(*(metric_names(e) for e in dashboard_exprs()))
+    bases = {re.sub(r"_(?:total|bucket|sum|count)$", "", n) for n in used}
+    declared = {family.name for family in m.registry.collect()}
+    assert sorted(declared - bases) == []
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_dir() -> None:
+    sources = list((GRAFANA / "provisioning" / "datasources").glob("*.yml"))
+    providers = list((GRAFANA / "provisioning" / "dashboards").glob("*.yml"))
+    assert sources
+    assert providers
+    source = sources[0].read_text()
+    assert re.search(r"^\s*type: prometheus$", source, re.MULTILINE)
+    assert re.search(r"^\s*url: http://prometheus:9090$", source, re.MULTILINE)
+    ds_var = next(v for v in dashboard()["templating"]["list"] if v["name"] == "datasource")
+    assert re.search(rf"^\s*uid: {ds_var['current']['value']}$", source, re.MULTILINE)
+    provider = providers[0].read_text()
+    assert re.search(r"^\s*type: file$", provider, re.MULTILINE)
+    assert re.search(r"^\s*path: /var/lib/grafana/dashboards$", provider, re.MULTILINE)
+
+
+# -- the catalog ---------------------------------------------------------------------
+
+
+def catalog_rows() -> list[str]:
+    return re.findall(r"^\| `([A-Za-z_:][\w:]*)` \|", CATALOG.read_text(), re.MULTILINE)
+
+
+def exported_names(registry: CollectorRegistry) -> set[str]:
+    names = set()
+    for family in registry.collect():
+        names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
+
+
+def test_catalog_documents_every_metric_and_alert_exactly_once() -> None:
+    rows = catalog_rows()
+    duplicates = sorted({r for r in rows if rows.count(r) > 1})
+    assert duplicates == []
+    sim_registry = CollectorRegistry()
+    make_app(SimulatorSettings(port=0), sim_registry)
+    exported = exported_names(Metrics(CollectorRegistry()).registry) | exported_names(sim_registry)
+    assert sorted(set(rows) - set(alert_names())) == sorted(exported)
+    assert set(alert_names()) <= set(rows)
