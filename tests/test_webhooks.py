@@ -150,6 +150,8 @@ def test_sign_reproduces_the_public_vector() -> None:
     if VECTOR_FILE.exists():
         assert {k: v for k, v in json.loads(VECTOR_FILE.read_text()).items() if k in VECTOR} == v
     assert sign(v["secret"], v["body"].encode(), v["nonce"], v["timestamp"]) == v["signature"]
+    headers = {SIGNATURE: v["signature"], NONCE: v["nonce"], TIMESTAMP: v["timestamp"]}
+    assert ConversationSinchEvent(v["secret"]).validate_authentication_header(headers, v["body"])
 
 
 async def test_public_vector_passes_the_gateway_check_and_is_published_unchanged(
@@ -507,7 +509,7 @@ async def _raw_post(port: int, head: list[tuple[bytes, bytes]], body: bytes) -> 
 
 async def test_2000_random_bodies_and_headers_never_5xx(make_env: MakeEnv) -> None:
     rng = random.Random(20240607)
-    client, receiver, pub, _ = await make_env(webhook_max_body_bytes=2048)
+    client, receiver, pub, settings = await make_env(webhook_max_body_bytes=2048)
     receiver.record_sent("r", "m")
     now = int(time.time())
     statuses: dict[int, int] = {}
@@ -564,7 +566,7 @@ async def test_2000_random_bodies_and_headers_never_5xx(make_env: MakeEnv) -> No
     # the mix reached every answer, and exactly the accepted callbacks were published
     assert {200, 400, 401, 413} <= set(statuses), statuses
     assert statuses[200] > 300, statuses
-    events = [value for topic, value, *_ in pub.sent if topic == receiver._s.events_topic]
+    events = [value for topic, value, *_ in pub.sent if topic == settings.events_topic]
     assert sorted(events) == sorted(accepted)
 
 
