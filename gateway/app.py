@@ -203,6 +203,8 @@ class Gateway:
                 run_task = tg.create_task(intake.run(), name="intake")
                 commit_task = tg.create_task(intake.commit_loop(), name="commits")
                 tg.create_task(adaptive.run(stop), name="adaptive-rates")
+                if isinstance(tokens, TokenManager):
+                    tg.create_task(tokens.keep_fresh(stop), name="token-keeper")
                 await stop.wait()
                 # the ordered shutdown of the module docstring
                 self._stopping = True

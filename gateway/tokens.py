@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -122,6 +123,14 @@ class TokenManager:
             return self._header
         self._expires_at = 0.0
         return await self._fetch_shared()
+
+    async def keep_fresh(self, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+        """Hold a valid token even while idle, so readiness means "can send now"."""
+        while not stop.is_set():
+            with contextlib.suppress(AuthError):
+                await self.authorization()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
 
     async def close(self) -> None:
         task, self._inflight = self._inflight, None

@@ -201,8 +201,11 @@ async def test_broker_down_at_start_then_up_becomes_ready_and_drains(simulator_f
         async with aiohttp.ClientSession() as http:
             url = f"http://127.0.0.1:{gateway.http_port}/readyz"
 
+            last: list[object] = []
+
             async def status() -> int:
                 async with http.get(url) as resp:
+                    last[:] = [await resp.json()]
                     return resp.status
 
             assert await status() == 503
@@ -212,7 +215,10 @@ async def test_broker_down_at_start_then_up_becomes_ready_and_drains(simulator_f
                 async def ready() -> bool:
                     return await status() == 200
 
-                await wait_for(ready, 30, what="/readyz 200")
+                try:
+                    await wait_for(ready, 30, what="/readyz 200")
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}: {last}") from None
                 docs = [(b"k", orjson.dumps(sample_request("late", i))) for i in range(50)]
                 await publish(late.bootstrap, settings.requests_topic, docs)
                 results = await read_records(late.bootstrap, settings.results_topic, 50, 30)
