@@ -7,6 +7,7 @@ Every tool is required: a missing one fails the test with the install command.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -363,6 +364,12 @@ def test_service_monitor_and_ingress_point_at_real_ports(chart: Any) -> None:
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
     assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [("http", "/metrics")]
+    # The alerts find the gateway by its job label; the ServiceMonitor names the job.
+    job = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    patterns = set(re.findall(r'job=~"([^"]+)"', DEPLOY_ALERTS.read_text()))
+    assert patterns
+    for pattern in patterns:
+        assert re.fullmatch(pattern, job), f"job {job!r} does not match the alerts' {pattern!r}"
     ingress = by_kind(docs, "Ingress")
     (rule,) = ingress["spec"]["rules"]
     (path,) = rule["http"]["paths"]
