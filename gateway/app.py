@@ -26,12 +26,14 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
+from gateway import logs
 from gateway.adaptive import AdaptiveRates
 from gateway.admin import Health, make_admin_app, start_site
 from gateway.consumer import Intake
 from gateway.dedupe import RecentIds
 from gateway.delivery import Delivery
 from gateway.envelope import Request
+from gateway.errors import AuthError
 from gateway.lanes import Lane, Lanes
 from gateway.limiter import Bucket
 from gateway.metrics import Metrics
@@ -46,12 +48,33 @@ WEBHOOK_PATH = "/webhooks/sinch"
 log = logging.getLogger(__name__)
 
 
+async def _keep_token(manager: TokenManager) -> None:
+    """Hold a valid token from startup on, and refresh it ahead of expiry even when idle.
+
+    Readiness wants a valid token, and the manager fetches only when asked: asked at
+    half the time left, it is asked inside its refresh window before the token expires.
+    """
+    while True:
+        try:
+            await manager.authorization()
+            delay = (manager.seconds_left() or 0.0) / 2
+        except AuthError:
+            delay = 1.0  # the manager backs off; until then it answers from its last error
+        await asyncio.sleep(max(0.1, delay))
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 class Gateway:
     """The service. ``await Gateway(settings).run(stop)`` runs until ``stop`` is set."""
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         settings.require_credentials()
         self.settings = settings
+        logs.protect_secrets(settings)
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, max_app_labels=settings.max_app_labels)
         self.http_port: int | None = None
@@ -72,8 +95,8 @@ class Gateway:
             intake = self.intake
             if intake is None or intake.consumer is None:
                 return False, "consumer not started (is Kafka reachable?)"
-            if not intake.connected:
-                return False, "Kafka unreachable"
+            if not intake.broker_connected():
+                return False, f"no connection to any Kafka broker ({self.settings.kafka_bootstrap})"
             return True, "connected"
 
         def partitions() -> tuple[bool, str]:
@@ -114,7 +137,8 @@ class Gateway:
         m = self.metrics
         async with AsyncExitStack() as stack:
             receiver = WebhookReceiver(s, m)
-            admin = make_admin_app(self.registry, self._health())
+            health = self._health()
+            admin = make_admin_app(self.registry, health)
             if s.webhook_port is None:
                 admin.router.add_post(WEBHOOK_PATH, receiver.handle)
             else:
@@ -154,6 +178,8 @@ class Gateway:
                     on_refresh=lambda result, _exp: m.token_refreshes.labels(result).inc(),
                 )  # fmt: skip
                 stack.push_async_callback(manager.close)
+                keeper = asyncio.create_task(_keep_token(manager), name="token-keeper")
+                stack.push_async_callback(_cancel, keeper)
                 m.token_expires_in.set_function(lambda: manager.seconds_left() or -1.0)
                 tokens = manager
             self.tokens = tokens
@@ -189,8 +215,14 @@ class Gateway:
             self.intake = intake
             m.buffered.set_function(lambda: intake.buffered)
             m.in_flight.set_function(lambda: lanes.in_flight)
-            m.ready.set_function(lambda: 1.0 if all(c()[0] for c in self._health().checks.values())
-                                 else 0.0)  # fmt: skip
+            m.ready.set_function(lambda: 1.0 if health.ready() else 0.0)
+            m.lane_depth.bind(lambda: [(ln.app_id, ln.depth) for ln in lanes.lanes.values()])
+            m.sending_paused.labels("auth").set_function(
+                lambda: 1.0 if time.monotonic() < self._auth_refused_until else 0.0
+            )
+            m.sending_paused.labels("app").set_function(
+                lambda: sum(1 for ln in lanes.lanes.values() if ln.paused_until > clock())
+            )
 
             await self._retry_kafka(intake.start, stop, "start consumer")
             if stop.is_set():
@@ -259,7 +291,8 @@ class Gateway:
         self._background: set[asyncio.Future[None]] = set()
 
         async def send(req: Request, lane: Lane) -> None:
-            await delivery.attempt(req, lane)
+            with logs.context(request_id=req.request_id, app_id=req.app_id):
+                await delivery.attempt(req, lane)
 
         return Lanes(
             project_bucket=project,
