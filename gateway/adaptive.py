@@ -7,7 +7,9 @@ the scopes apart: 429s from several apps within a second point at the project,
 multiplicatively (at most once per ``cooldown_s``, so that a burst of answers to
 requests already in flight counts once), and recovers additively once no 429 has
 come for ``quiet_s``, up to its configured rate. All senders slow down together
-instead of each retrying on its own.
+instead of each retrying on its own. A lone 429 is not a pattern (a little arrival
+jitter at Sinch can cause one): a scope is cut from its ``confirm``-th 429 within
+``window_s`` on.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class AdaptiveRates:
         window_s: float = 1.0,
         cooldown_s: float = 1.0,
         quiet_s: float = 2.0,
+        confirm: int = 2,
     ) -> None:
         self._project = project
         self._clock = clock
@@ -44,6 +47,8 @@ class AdaptiveRates:
         self._window = window_s
         self._cooldown = cooldown_s
         self._quiet = quiet_s
+        self._confirm = confirm
+        self._strikes: dict[Bucket, deque[float]] = {}
         self._recent: deque[tuple[float, str]] = deque()
         self._last_429: dict[Bucket, float] = {}
         self._last_cut: dict[Bucket, float] = {}
@@ -62,6 +67,10 @@ class AdaptiveRates:
         now = self._clock()
         bucket = self.scope_of(lane, now)
         self._last_429[bucket] = now
+        strikes = self._strikes.setdefault(bucket, deque(maxlen=self._confirm))
+        strikes.append(now)
+        if len(strikes) < self._confirm or now - strikes[0] > self._window:
+            return
         if now - self._last_cut.get(bucket, float("-inf")) >= self._cooldown:
             self._last_cut[bucket] = now
             bucket.slow_down(self._decrease)
@@ -75,6 +84,7 @@ class AdaptiveRates:
             if not bucket.recover(self._step):
                 del self._last_429[bucket]
                 self._last_cut.pop(bucket, None)
+                self._strikes.pop(bucket, None)
 
     async def run(self, stop: asyncio.Event, interval_s: float = 0.5) -> None:
         while not stop.is_set():

@@ -16,6 +16,7 @@ Records still queued in lanes are not committed: the next owner sends them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import time
@@ -228,6 +229,10 @@ class Gateway:
             if stop.is_set():
                 return
             stack.push_async_callback(intake.stop)
+            # Startup objects never die: keep them out of the cyclic GC's way, so that a
+            # full collection does not pause the loop (a paused loop bunches sends).
+            gc.collect()
+            gc.freeze()
             self.started.set()
             log.info("gateway started: project %s, region %s", s.project_id, s.region)
 

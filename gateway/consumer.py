@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+YIELD_EVERY = 32  # records decoded between two turns of the event loop
+
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, intake: Intake) -> None:
@@ -155,8 +157,14 @@ class Intake:
                 tracker = self.trackers.get(tp.partition)
                 if tracker is None or tracker.revoked:
                     continue
-                for record in records:
+                for i, record in enumerate(records, 1):
                     self._take(tracker, record)
+                    if i % YIELD_EVERY == 0:
+                        # a long batch must not stall the loop: a late send bunches
+                        # with the next one and can break Sinch's 1-second window
+                        await asyncio.sleep(0)
+                        if tracker.revoked:
+                            break
             over = self.buffered >= budget or self.buffered_bytes >= budget_bytes
             if over and not self.paused:
                 self._pause(True)

@@ -26,11 +26,12 @@ Adaptive rate (``slow_down``/``recover``) scales the pace of one bucket between
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 
 Clock = Callable[[], float]
-WINDOW_S = 1.005  # Sinch's 1-second window, plus 5 ms for arrival jitter
+TICK_S = 0.004  # wake-up granularity of the pacing
 
 
 class Bucket:
@@ -105,13 +106,15 @@ class Bucket:
     def window_delay(self, now: float) -> float:
         """Seconds to wait so that no 1-second window holds more than ``rate`` sends.
 
-        Pacing alone keeps to that when the time from slot to wire is constant; this
-        guard also holds when it is not (a stalled loop, a slow connection).
+        Pacing alone keeps to that when the time from slot to send is constant; this
+        guard also holds when it is not (a wait in the next bucket, a stalled loop).
+        Its window is ``1 + margin`` seconds: the same headroom for arrival jitter
+        that the pace keeps.
         """
         sent = self._sent
         if len(sent) < sent.maxlen:  # type: ignore[operator]
             return 0.0
-        return sent[0] + WINDOW_S - now
+        return sent[0] + 1.0 + self.margin - now
 
     def record(self, now: float) -> None:
         self._sent.append(now)
@@ -155,9 +158,12 @@ async def acquire(buckets: Sequence[Bucket], clock: Clock) -> float:
     """
     start = clock()
     for bucket in buckets:
-        delay = bucket.reserve() - clock()
+        at = bucket.reserve()
+        delay = at - clock()
         if delay > 0:
-            await asyncio.sleep(delay)
+            # wake on a TICK_S grid, never before the slot: sends due within the same
+            # few milliseconds share one wake-up of the event loop instead of one each
+            await asyncio.sleep(math.ceil(at / TICK_S) * TICK_S - clock())
     while True:
         now = clock()
         delay = max(b.window_delay(now) for b in buckets)

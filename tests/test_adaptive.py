@@ -33,10 +33,19 @@ def test_429s_from_one_app_slow_that_app_only_and_once_per_cooldown():
 
 def test_429s_across_apps_slow_the_project():
     clock, project, lanes, rates = setup()
-    for app in ("a", "b", "c"):
+    for app in ("a", "b", "c", "a"):
         rates.on_answer(lanes[app], 429)
         clock.now += 0.1
     assert project.factor < 1.0
+
+
+def test_a_lone_429_is_not_a_pattern():
+    clock, project, lanes, rates = setup()
+    full = lanes["a"].bucket.pace
+    rates.on_answer(lanes["a"], 429)
+    clock.now += 1.5
+    rates.on_answer(lanes["a"], 429)
+    assert lanes["a"].bucket.pace == full
 
 
 def test_recovery_is_gradual_and_only_after_a_quiet_spell():
@@ -44,7 +53,9 @@ def test_recovery_is_gradual_and_only_after_a_quiet_spell():
     bucket = lanes["a"].bucket
     full = bucket.pace
     rates.on_answer(lanes["a"], 429)
+    rates.on_answer(lanes["a"], 429)
     low = bucket.pace
+    assert low < full
     clock.now += 1.0
     rates.tick()
     assert bucket.pace == low  # not quiet long enough
