@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import logs
 from gateway.broker import EmbeddedBroker
 from tests.conftest import wait_for
 from tests.integration.harness import running, settings_for
@@ -71,3 +74,37 @@ async def test_readyz_goes_false_without_the_broker_and_true_when_it_is_back(
             assert await gauge(http, f"{base}/metrics", "gateway_ready") == 1
     finally:
         await broker.__aexit__(None, None, None)
+
+
+async def test_refused_credentials_make_the_token_check_fail_and_show_in_metrics(
+    broker, simulator_factory, topics, caplog
+):
+    caplog.set_level(logging.DEBUG)
+    sim = await simulator_factory(key_secret="the-real-secret")
+    settings = settings_for(broker.bootstrap, sim.port, topics, key_secret="a-wrong-secret")
+    async with running(settings) as gateway, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{gateway.http_port}"
+
+        async def refusal_counted() -> bool:
+            async with http.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            failures = [
+                s.value
+                for s in families["gateway_token_refreshes"].samples
+                if s.name.endswith("_total") and s.labels["result"] == "failure"
+            ]
+            return failures[0] >= 1
+
+        await wait_for(refusal_counted, 15, what="a failed token refresh in /metrics")
+        status, body = await get_json(http, f"{base}/readyz")
+        assert status == 503
+        assert body["checks"]["token"] == {"ok": False, "detail": "no valid token"}
+        assert body["checks"]["kafka"]["ok"] is True
+        assert "token: no valid token" in body["reason"]
+        assert await gauge(http, f"{base}/metrics", "gateway_token_expires_in_seconds") == -1
+        assert await gauge(http, f"{base}/metrics", "gateway_ready") == 0
+    lines = [logs.JsonFormatter().format(r) for r in caplog.records]
+    assert any("token refresh failed" in line for line in lines)
+    basic = base64.b64encode(b"demo-key:a-wrong-secret").decode()
+    assert [line for line in lines if "a-wrong-secret" in line or basic in line] == []
