@@ -393,3 +393,19 @@ def test_notes_say_which_secret_to_create(chart: Any) -> None:
     notes = render(chart, full_values())["NOTES.txt"]
     assert "https://sinch-callbacks.example.com/webhooks/sinch" in notes
     assert "are empty" not in notes
+
+
+def test_config_strings_survive_the_toml_rendering(chart: Any, tmp_path: Path) -> None:
+    odd = 'we"ird\\user <&> ünï'
+    values = {"config": {"kafka_sasl_username": odd, "channel_rates": {"whatsapp": 12.5}}}
+    toml = tmp_path / "gateway.toml"
+    toml.write_text(by_kind(manifests(render(chart, values)), "ConfigMap")["data"]["gateway.toml"])
+    settings = load(env={"GATEWAY_CONFIG": str(toml)})
+    assert settings.kafka_sasl_username == odd
+    assert settings.channel_rates == {"WHATSAPP": 12.5}
+
+
+def test_app_version_is_the_gateway_version(chart: Any) -> None:
+    from gateway import __version__
+
+    assert chart.metadata["appVersion"] == __version__
