@@ -28,8 +28,13 @@ async def main() -> None:
     p.add_argument("--seconds", type=float, required=True)
     ns = p.parse_args()
     base = f"http://127.0.0.1:{ns.sim_port}"
-    consumer = AIOKafkaConsumer(ns.topic, bootstrap_servers=ns.bootstrap, group_id="baseline",
-                                auto_offset_reset="earliest", session_timeout_ms=6000)  # fmt: skip
+    consumer = AIOKafkaConsumer(
+        ns.topic,
+        bootstrap_servers=ns.bootstrap,
+        group_id="baseline",
+        auto_offset_reset="earliest",
+        session_timeout_ms=6000,
+    )
     producer = AIOKafkaProducer(bootstrap_servers=ns.bootstrap, linger_ms=5)
     await consumer.start()
     await producer.start()
@@ -37,8 +42,12 @@ async def main() -> None:
     apps: dict[str, AsyncLimiter] = {}
     deadline = time.monotonic() + ns.seconds
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{base}/oauth2/token", data={"grant_type": "client_credentials"},
-                             auth=None, headers={"Authorization": "Basic ZGVtby1rZXk6ZGVtby1zZWNyZXQ="}) as r:  # fmt: skip
+        async with http.post(
+            f"{base}/oauth2/token",
+            data={"grant_type": "client_credentials"},
+            auth=None,
+            headers={"Authorization": "Basic ZGVtby1rZXk6ZGVtby1zZWNyZXQ="},
+        ) as r:
             token = (await r.json())["access_token"]
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         while time.monotonic() < deadline:
@@ -53,12 +62,17 @@ async def main() -> None:
                     await limiter.acquire()
                     await project.acquire()
                     payload = {**doc["payload"], "correlation_id": doc["request_id"]}
-                    async with http.post(f"{base}/us/v1/projects/demo-project/messages:send",
-                                         data=orjson.dumps(payload), headers=headers) as resp:  # fmt: skip
+                    async with http.post(
+                        f"{base}/us/v1/projects/demo-project/messages:send",
+                        data=orjson.dumps(payload),
+                        headers=headers,
+                    ) as resp:
                         status = resp.status
                         await resp.read()
-                    result = {"request_id": doc["request_id"],
-                              "status": "sent" if status == 200 else "failed"}  # fmt: skip
+                    result = {
+                        "request_id": doc["request_id"],
+                        "status": "sent" if status == 200 else "failed",
+                    }
                     await producer.send_and_wait(ns.results, orjson.dumps(result))
                     await consumer.commit()
     await producer.stop()

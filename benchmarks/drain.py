@@ -68,8 +68,9 @@ class Mix:
 
 def mixes(scale: float = 1.0) -> list[Mix]:
     uniform = {f"app-{i:02d}": int(200 * scale) for i in range(40)}
-    hot = {"hot-app": 2000} | {f"app-{i:02d}": 2000 // 39 + (1 if i < 2000 % 39 else 0)
-                                for i in range(39)}  # fmt: skip
+    hot = {"hot-app": 2000} | {
+        f"app-{i:02d}": 2000 // 39 + (1 if i < 2000 % 39 else 0) for i in range(39)
+    }
     many = {f"app-{i:03d}": 40 for i in range(200)}
     return [
         Mix("(a) 40 apps uniform", uniform, 20, 800),
@@ -81,8 +82,9 @@ def mixes(scale: float = 1.0) -> list[Mix]:
 async def publish_backlog(bootstrap: str, topic: str, counts: dict[str, int], seed: int) -> None:
     order = [app for app, n in counts.items() for _ in range(n)]
     random.Random(seed).shuffle(order)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20,
-                                acks="all")  # fmt: skip
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20, acks="all"
+    )
     await producer.start()
     try:
         for i, app in enumerate(order):
@@ -93,9 +95,16 @@ async def publish_backlog(bootstrap: str, topic: str, counts: dict[str, int], se
 
 
 async def make_topics(bootstrap: str, tag: str, partitions: int = 6) -> None:
-    settings = load(env={}, kafka_bootstrap=bootstrap, requests_topic=f"req-{tag}",
-                    results_topic=f"res-{tag}", status_topic=f"sta-{tag}", dlq_topic=f"dlq-{tag}",
-                    events_topic=f"evt-{tag}", topic_partitions=partitions)  # fmt: skip
+    settings = load(
+        env={},
+        kafka_bootstrap=bootstrap,
+        requests_topic=f"req-{tag}",
+        results_topic=f"res-{tag}",
+        status_topic=f"sta-{tag}",
+        dlq_topic=f"dlq-{tag}",
+        events_topic=f"evt-{tag}",
+        topic_partitions=partitions,
+    )
     await ensure_topics(settings)
 
 
@@ -128,12 +137,18 @@ async def drain(
         }
 
 
-def figures(mix: Mix, stats: dict[str, Any], sent: int, cpu: float, hwm: float,
-            start_wall: float) -> dict[str, Any]:  # fmt: skip
+def figures(
+    mix: Mix, stats: dict[str, Any], sent: int, cpu: float, hwm: float, start_wall: float
+) -> dict[str, Any]:
     span = (stats["last_send_time"] or 0) - (stats["first_send_time"] or 0)
     if __debug__ and "BENCH_DEBUG" in __import__("os").environ:
-        print("debug", {k: stats[k] for k in ("first_send_time", "last_send_time",
-              "accepted_total", "received_total")})
+        print(
+            "debug",
+            {
+                k: stats[k]
+                for k in ("first_send_time", "last_send_time", "accepted_total", "received_total")
+            },
+        )
     ideal_sent = mix.ideal * sent / mix.total
     by_app = stats["max_received_per_s"]["by_app"]
     return {
@@ -156,10 +171,17 @@ async def run_gateway(bootstrap: str, mix: Mix, seed: int) -> dict[str, Any]:
     await make_topics(bootstrap, tag)
     await publish_backlog(bootstrap, f"req-{tag}", mix.counts, seed)
     sim_port, http_port = free_port(), free_port()
-    sim = start_simulator(sim_port, "--strict", "--app-rate", str(mix.app_rate),
-                          "--project-rate", str(mix.project_rate))  # fmt: skip
-    env = gateway_env(bootstrap, sim_port, http_port, tag, app_rate=mix.app_rate,
-                      project_rate=mix.project_rate)  # fmt: skip
+    sim = start_simulator(
+        sim_port,
+        "--strict",
+        "--app-rate",
+        str(mix.app_rate),
+        "--project-rate",
+        str(mix.project_rate),
+    )
+    env = gateway_env(
+        bootstrap, sim_port, http_port, tag, app_rate=mix.app_rate, project_rate=mix.project_rate
+    )
     start_wall = time.time()
     gw = start_gateway(env)
     try:
@@ -177,15 +199,36 @@ async def run_baseline(bootstrap: str, mix: Mix, seed: int, seconds: float) -> d
     await make_topics(bootstrap, tag)
     await publish_backlog(bootstrap, f"req-{tag}", mix.counts, seed)
     sim_port = free_port()
-    sim = start_simulator(sim_port, "--strict", "--app-rate", str(mix.app_rate),
-                          "--project-rate", str(mix.project_rate))  # fmt: skip
+    sim = start_simulator(
+        sim_port,
+        "--strict",
+        "--app-rate",
+        str(mix.app_rate),
+        "--project-rate",
+        str(mix.project_rate),
+    )
     start_wall = time.time()
-    proc = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "benchmarks.baseline_loop", "--bootstrap", bootstrap,
-         "--topic", f"req-{tag}", "--results", f"res-{tag}", "--sim-port", str(sim_port),
-         "--app-rate", str(mix.app_rate), "--project-rate", str(mix.project_rate),
-         "--seconds", str(seconds)],
-    )  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.baseline_loop",
+            "--bootstrap",
+            bootstrap,
+            "--topic",
+            f"req-{tag}",
+            "--results",
+            f"res-{tag}",
+            "--sim-port",
+            str(sim_port),
+            "--app-rate",
+            str(mix.app_rate),
+            "--project-rate",
+            str(mix.project_rate),
+            "--seconds",
+            str(seconds),
+        ],
+    )
     try:
         out = await drain(proc, sim_port, mix.total, timeout=seconds + 30)
     finally:
@@ -210,8 +253,10 @@ ROWS = [
 
 
 def print_mix(mix: Mix, gw: dict[str, Any], base: dict[str, Any]) -> None:
-    print(f"\n{mix.name}: {mix.total} messages, {len(mix.counts)} apps, app cap "
-          f"{mix.app_rate:g}/s, project cap {mix.project_rate:g}/s")  # fmt: skip
+    print(
+        f"\n{mix.name}: {mix.total} messages, {len(mix.counts)} apps, app cap "
+        f"{mix.app_rate:g}/s, project cap {mix.project_rate:g}/s"
+    )
     print(f"  {'':<26}{'gateway':>12}{'simple loop':>14}")
     for label, key, fmt in ROWS:
         print(f"  {label:<26}{fmt.format(gw[key]):>12}{fmt.format(base[key]):>14}")
@@ -237,8 +282,9 @@ async def memory_run(bootstrap: str, records: int, seconds: float) -> None:
             while time.monotonic() - start < seconds:
                 await asyncio.sleep(2)
                 stats = await sim_stats(http, sim_port)
-                samples.append((time.monotonic() - start, rss_mb(gw.pid),
-                                int(stats["accepted_total"])))  # type: ignore[call-overload]  # fmt: skip
+                samples.append(
+                    (time.monotonic() - start, rss_mb(gw.pid), int(stats["accepted_total"]))
+                )  # type: ignore[call-overload]
         hwm = rss_mb(gw.pid, "VmHWM")
     finally:
         stop(gw)
@@ -247,8 +293,10 @@ async def memory_run(bootstrap: str, records: int, seconds: float) -> None:
     for t, rss, sent in samples:
         print(f"{t:>6.0f}{rss:>10.1f}{sent:>10}")
     rates = samples[-1][2] / samples[-1][0] if samples else 0
-    print(f"backlog {records:,}; drained {samples[-1][2]:,} in {samples[-1][0]:.0f} s "
-          f"({rates:,.0f}/s); peak RSS {hwm:.0f} MB")  # fmt: skip
+    print(
+        f"backlog {records:,}; drained {samples[-1][2]:,} in {samples[-1][0]:.0f} s "
+        f"({rates:,.0f}/s); peak RSS {hwm:.0f} MB"
+    )
 
 
 async def main() -> None:
@@ -264,8 +312,10 @@ async def main() -> None:
         if ns.memory:
             await memory_run(broker.bootstrap, ns.records, ns.seconds)
             return
-        print("rates as in Sinch (app 20/s, project 800/s), except mix (b): app 100/s "
-              "to keep the hot app's drain at 20 s; simulator in strict mode")  # fmt: skip
+        print(
+            "rates as in Sinch (app 20/s, project 800/s), except mix (b): app 100/s "
+            "to keep the hot app's drain at 20 s; simulator in strict mode"
+        )
         for i, mix in enumerate(mixes(ns.scale)):
             if ns.only and ns.only not in mix.name:
                 continue

@@ -42,7 +42,7 @@ def rss_mb(pid: int, key: str = "VmRSS") -> float:
 
 
 def start_simulator(port: int, *args: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(  # noqa: S603
+    proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "simulate", "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
     )
@@ -54,20 +54,37 @@ def start_gateway(env: dict[str, str], log_path: str | None = None) -> subproces
     base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     out = Path(log_path).open("ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     cmd = [sys.executable, "-m", "gateway", "run", "--log-format", "text"]
-    proc = subprocess.Popen(  # noqa: S603
+    proc = subprocess.Popen(
         cmd,
-        env={**base, **env}, stdout=out, stderr=out,
-    )  # fmt: skip
+        env={**base, **env},
+        stdout=out,
+        stderr=out,
+    )
     if os.environ.get("BENCH_PYSPY"):  # profile the gateway: BENCH_PYSPY=out.txt
-        subprocess.Popen(  # noqa: S603
-            ["py-spy", "record", "--format", "raw", "-o", os.environ["BENCH_PYSPY"], "-d", "12",
-             "-r", "200", "-p", str(proc.pid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--format",
+                "raw",
+                "-o",
+                os.environ["BENCH_PYSPY"],
+                "-d",
+                "12",
+                "-r",
+                "200",
+                "-p",
+                str(proc.pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return proc
 
 
-def gateway_env(bootstrap: str, sim_port: int, http_port: int, tag: str, **extra: object) -> dict[str, str]:
+def gateway_env(
+    bootstrap: str, sim_port: int, http_port: int, tag: str, **extra: object
+) -> dict[str, str]:
     env = {
         "GATEWAY_KAFKA_BOOTSTRAP": bootstrap,
         "GATEWAY_PROJECT_ID": "demo-project",
@@ -95,7 +112,9 @@ async def sim_stats(http: aiohttp.ClientSession, port: int) -> dict[str, object]
         return await resp.json()  # type: ignore[no-any-return]
 
 
-async def sim_post(http: aiohttp.ClientSession, port: int, path: str, doc: dict[str, object]) -> None:
+async def sim_post(
+    http: aiohttp.ClientSession, port: int, path: str, doc: dict[str, object]
+) -> None:
     async with http.post(f"http://127.0.0.1:{port}{path}", json=doc) as resp:
         resp.raise_for_status()
 

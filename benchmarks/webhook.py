@@ -51,8 +51,14 @@ ROUTES = {
 
 
 def bench_settings(bootstrap: str) -> Settings:
-    return load(env={}, kafka_bootstrap=bootstrap, webhook_secret=SECRET, topic_partitions=1,
-                events_topic="bench.events", status_topic="bench.status")  # fmt: skip
+    return load(
+        env={},
+        kafka_bootstrap=bootstrap,
+        webhook_secret=SECRET,
+        topic_partitions=1,
+        events_topic="bench.events",
+        status_topic="bench.status",
+    )
 
 
 class DonePublisher:
@@ -111,12 +117,19 @@ def signed_requests(path: str, count: int, tag: str) -> list[bytes]:
     ts = str(int(time.time()))
     for i in range(count):
         doc = delivery_report(
-            project_id="bench-project", app_id=f"app-{i % 8}", message_id=f"{tag}-{i:08d}",
-            accepted_time="2024-01-01T00:00:00.000000Z", status="DELIVERED",
-            recipient={"identified_by": {"channel_identities": [
-                {"channel": "SMS", "identity": f"4670{i:07d}"}]}},
-            message_metadata="", correlation_id=f"req-{tag}-{i}",
-        )  # fmt: skip
+            project_id="bench-project",
+            app_id=f"app-{i % 8}",
+            message_id=f"{tag}-{i:08d}",
+            accepted_time="2024-01-01T00:00:00.000000Z",
+            status="DELIVERED",
+            recipient={
+                "identified_by": {
+                    "channel_identities": [{"channel": "SMS", "identity": f"4670{i:07d}"}]
+                }
+            },
+            message_metadata="",
+            correlation_id=f"req-{tag}-{i}",
+        )
         body = orjson.dumps(doc)
         nonce = secrets.token_hex(13)
         head = (
@@ -176,20 +189,30 @@ async def main(args: argparse.Namespace) -> int:
         if len(cpus) > 1:  # the load generator stays off the server's core
             os.sched_setaffinity(0, cpus[1:])
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--serve", broker.bootstrap, "--cpu", str(server_cpu_id),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+            sys.executable,
+            __file__,
+            "--serve",
+            broker.bootstrap,
+            "--cpu",
+            str(server_cpu_id),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
         assert proc.stdout is not None
         assert proc.stdin is not None
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), 60)
             port = json.loads(line)["port"]
-            print(f"webhook benchmark: {args.requests} signed delivery reports per run, "
-                  f"{args.connections} keep-alive connections; server pinned to CPU "
-                  f"{server_cpu_id}, load on CPUs {cpus[1:] or cpus}; "
-                  f"python {sys.version.split()[0]}")  # fmt: skip
-            print(f"{'run':<10}{'what':<40}{'rate/s':>9}{'CPU µs/req':>12}{'core busy':>11}"
-                  f"{'1-core max/s':>14}")  # fmt: skip
+            print(
+                f"webhook benchmark: {args.requests} signed delivery reports per run, "
+                f"{args.connections} keep-alive connections; server pinned to CPU "
+                f"{server_cpu_id}, load on CPUs {cpus[1:] or cpus}; "
+                f"python {sys.version.split()[0]}"
+            )
+            print(
+                f"{'run':<10}{'what':<40}{'rate/s':>9}{'CPU µs/req':>12}{'core busy':>11}"
+                f"{'1-core max/s':>14}"
+            )
             figures: dict[str, float] = {}
             for name, (path, what) in ROUTES.items():
                 warm = signed_requests(path, min(2000, args.requests), f"{name}-warm")
@@ -202,18 +225,24 @@ async def main(args: argparse.Namespace) -> int:
                 assert statuses == {200: args.requests}, statuses
                 us = cpu / args.requests * 1e6
                 figures[name] = us
-                print(f"{name:<10}{what:<40}{args.requests / wall:>9.0f}{us:>12.1f}"
-                      f"{cpu / wall:>10.0%}{1e6 / us:>14.0f}")  # fmt: skip
+                print(
+                    f"{name:<10}{what:<40}{args.requests / wall:>9.0f}{us:>12.1f}"
+                    f"{cpu / wall:>10.0%}{1e6 / us:>14.0f}"
+                )
             base = figures["baseline"]
-            print(f"CPU per callback against the bare handler: verification "
-                  f"{figures['verify'] / base:.2f}x, verification + Kafka "
-                  f"{figures['full'] / base:.2f}x")  # fmt: skip
+            print(
+                f"CPU per callback against the bare handler: verification "
+                f"{figures['verify'] / base:.2f}x, verification + Kafka "
+                f"{figures['full'] / base:.2f}x"
+            )
             settings = bench_settings(broker.bootstrap)
             expected = args.requests + min(2000, args.requests)
             events = await count_records(broker.bootstrap, settings.events_topic, expected)
             status = await count_records(broker.bootstrap, settings.status_topic, expected)
-            print(f"Kafka: {events} records on {settings.events_topic}, {status} on "
-                  f"{settings.status_topic} (expected {expected} each)")  # fmt: skip
+            print(
+                f"Kafka: {events} records on {settings.events_topic}, {status} on "
+                f"{settings.status_topic} (expected {expected} each)"
+            )
             ok = events == expected and status == expected
         finally:
             proc.stdin.close()

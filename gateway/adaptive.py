@@ -15,6 +15,7 @@ jitter at Sinch can cause one): a scope is cut from its ``confirm``-th 429 withi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -88,8 +89,6 @@ class AdaptiveRates:
 
     async def run(self, stop: asyncio.Event, interval_s: float = 0.5) -> None:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
-            except TimeoutError:
-                pass
             self.tick()

@@ -61,8 +61,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     uptime = time.monotonic() - request.app[health_key].started
-    return web.json_response({"status": "ok", "version": __version__,
-                              "uptime_s": round(uptime, 3)})  # fmt: skip
+    return web.json_response({"status": "ok", "version": __version__, "uptime_s": round(uptime, 3)})
 
 
 async def readyz(request: web.Request) -> web.Response:

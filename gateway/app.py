@@ -20,7 +20,7 @@ import gc
 import logging
 import random
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 
 import aiohttp
 from aiohttp import web
@@ -34,7 +34,6 @@ from gateway.consumer import Intake
 from gateway.dedupe import RecentIds
 from gateway.delivery import Delivery
 from gateway.envelope import Request
-from gateway.errors import AuthError
 from gateway.lanes import Lane, Lanes
 from gateway.limiter import Bucket
 from gateway.metrics import Metrics
@@ -47,21 +46,6 @@ from gateway.webhooks import WebhookReceiver
 WEBHOOK_PATH = "/webhooks/sinch"
 
 log = logging.getLogger(__name__)
-
-
-async def _keep_token(manager: TokenManager) -> None:
-    """Hold a valid token from startup on, and refresh it ahead of expiry even when idle.
-
-    Readiness wants a valid token, and the manager fetches only when asked: asked at
-    half the time left, it is asked inside its refresh window before the token expires.
-    """
-    while True:
-        try:
-            await manager.authorization()
-            delay = (manager.seconds_left() or 0.0) / 2
-        except AuthError:
-            delay = 1.0  # the manager backs off; until then it answers from its last error
-        await asyncio.sleep(max(0.1, delay))
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -120,8 +104,9 @@ class Gateway:
                 return False, f"held: credentials refused ({self._auth_reason})"
             return True, "sending"
 
-        return Health({"kafka": kafka, "partitions": partitions, "token": token,
-                       "sending": sending})  # fmt: skip
+        return Health(
+            {"kafka": kafka, "partitions": partitions, "token": token, "sending": sending}
+        )
 
     def _auth_refused(self, reason: str) -> None:
         if time.monotonic() >= self._auth_refused_until:
@@ -145,8 +130,9 @@ class Gateway:
             else:
                 hooks = web.Application()
                 hooks.router.add_post(WEBHOOK_PATH, receiver.handle)
-                hooks_runner, self.webhook_port = await start_site(hooks, s.http_host,
-                                                                   s.webhook_port)  # fmt: skip
+                hooks_runner, self.webhook_port = await start_site(
+                    hooks, s.http_host, s.webhook_port
+                )
                 stack.push_async_callback(hooks_runner.cleanup)
             admin_runner, self.http_port = await start_site(admin, s.http_host, s.http_port)
             stack.push_async_callback(admin_runner.cleanup)
@@ -157,9 +143,7 @@ class Gateway:
                 if stop.is_set():
                     return
 
-            timeout = aiohttp.ClientTimeout(
-                total=s.request_timeout_s, connect=s.connect_timeout_s
-            )
+            timeout = aiohttp.ClientTimeout(total=s.request_timeout_s, connect=s.connect_timeout_s)
             connector = aiohttp.TCPConnector(limit=s.max_in_flight, ttl_dns_cache=300)
             sinch_session = aiohttp.ClientSession(
                 connector=connector, timeout=timeout, raise_for_status=False
@@ -173,13 +157,17 @@ class Gateway:
                 tokens = BasicAuth(s.key_id, s.key_secret)
             else:
                 manager = TokenManager(
-                    auth_session, auth_url=s.auth_url, key_id=s.key_id, key_secret=s.key_secret,
-                    refresh_margin_s=s.token_refresh_margin_s, backoff_base_s=s.backoff_base_s,
+                    auth_session,
+                    auth_url=s.auth_url,
+                    key_id=s.key_id,
+                    key_secret=s.key_secret,
+                    refresh_margin_s=s.token_refresh_margin_s,
+                    backoff_base_s=s.backoff_base_s,
                     backoff_max_s=s.backoff_max_s,
                     on_refresh=lambda result, _exp: m.token_refreshes.labels(result).inc(),
-                )  # fmt: skip
+                )
                 stack.push_async_callback(manager.close)
-                keeper = asyncio.create_task(_keep_token(manager), name="token-keeper")
+                keeper = asyncio.create_task(manager.keep_fresh(stop), name="token-keeper")
                 stack.push_async_callback(_cancel, keeper)
                 m.token_expires_in.set_function(lambda: manager.seconds_left() or -1.0)
                 tokens = manager
@@ -199,19 +187,30 @@ class Gateway:
                 intake_ref[0].finished(req)
 
             delivery = Delivery(
-                settings=s, sinch=SinchClient(s, sinch_session), tokens=tokens,
-                publisher=publisher, metrics=m, sent_ids=sent_ids, clock=clock,
-                on_finished=finished, on_auth_refused=self._auth_refused,
+                settings=s,
+                sinch=SinchClient(s, sinch_session),
+                tokens=tokens,
+                publisher=publisher,
+                metrics=m,
+                sent_ids=sent_ids,
+                clock=clock,
+                on_finished=finished,
+                on_auth_refused=self._auth_refused,
                 on_sent=receiver.record_sent,
-            )  # fmt: skip
+            )
             lanes = self._make_lanes(delivery, clock)
             self.lanes = lanes
             adaptive = AdaptiveRates(lanes.project_bucket, clock)
             delivery.feedback = adaptive
             intake = Intake(
-                settings=s, metrics=m, lanes=lanes, delivery=delivery, publisher=publisher,
-                sent_ids=sent_ids, clock=clock,
-            )  # fmt: skip
+                settings=s,
+                metrics=m,
+                lanes=lanes,
+                delivery=delivery,
+                publisher=publisher,
+                sent_ids=sent_ids,
+                clock=clock,
+            )
             intake_ref.append(intake)
             self.intake = intake
             m.buffered.set_function(lambda: intake.buffered)
@@ -240,8 +239,6 @@ class Gateway:
                 run_task = tg.create_task(intake.run(), name="intake")
                 commit_task = tg.create_task(intake.commit_loop(), name="commits")
                 tg.create_task(adaptive.run(stop), name="adaptive-rates")
-                if isinstance(tokens, TokenManager):
-                    tg.create_task(tokens.keep_fresh(stop), name="token-keeper")
                 await stop.wait()
                 # the ordered shutdown of the module docstring
                 self._stopping = True
@@ -250,8 +247,9 @@ class Gateway:
                 await lanes.stop_workers()
                 drained = await lanes.wait_in_flight(s.shutdown_timeout_s)
                 if not drained:
-                    log.warning("in-flight sends did not finish within %.0f s",
-                                s.shutdown_timeout_s)  # fmt: skip
+                    log.warning(
+                        "in-flight sends did not finish within %.0f s", s.shutdown_timeout_s
+                    )
                 await lanes.close()
                 await commit_task
                 await intake.commit()
@@ -268,12 +266,17 @@ class Gateway:
             label = m.app_label(name) if scope == "app" else name
             m.rate_configured.labels(scope, label).set(bucket.rate)
             m.rate_effective.labels(scope, label).set(bucket.pace)
-            log.info("bucket %s now paces at %.2f/s (configured %.2f/s)",
-                     bucket.name, bucket.pace, bucket.rate)  # fmt: skip
+            log.info(
+                "bucket %s now paces at %.2f/s (configured %.2f/s)",
+                bucket.name,
+                bucket.pace,
+                bucket.rate,
+            )
 
         def bucket(name: str, rate: float, burst: float) -> Bucket:
-            b = Bucket(name, rate, burst=burst, margin=s.rate_margin, clock=loop_clock,
-                       on_change=track)  # fmt: skip
+            b = Bucket(
+                name, rate, burst=burst, margin=s.rate_margin, clock=loop_clock, on_change=track
+            )
             scope, _, label = name.partition(":")
             label = m.app_label(label) if scope == "app" else label
             m.rate_configured.labels(scope, label).set(b.rate)
@@ -281,9 +284,7 @@ class Gateway:
             return b
 
         project = bucket(f"project:{s.project_id}", s.project_rate, s.project_burst)
-        channels = {
-            ch: bucket(f"channel:{ch}", rate, 1.0) for ch, rate in s.channel_rates.items()
-        }
+        channels = {ch: bucket(f"channel:{ch}", rate, 1.0) for ch, rate in s.channel_rates.items()}
 
         def expired(req: Request) -> bool:
             return req.expire_at is not None and req.expire_at <= time.time()
@@ -325,7 +326,5 @@ class Gateway:
                 attempt += 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)  # noqa: S311
                 log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
-                try:
+                with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass

@@ -101,8 +101,9 @@ async def _send(ns: argparse.Namespace) -> int:
 async def _demo(ns: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
-    return await run_demo(messages=ns.messages, apps=ns.apps, app_rate=ns.app_rate,
-                          project_rate=ns.project_rate)  # fmt: skip
+    return await run_demo(
+        messages=ns.messages, apps=ns.apps, app_rate=ns.app_rate, project_rate=ns.project_rate
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ revocation, with the map of finished records beyond it in the metadata.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -136,8 +137,9 @@ class Intake:
     # -- the loop ---------------------------------------------------------
 
     async def run(self) -> None:
-        assert self.consumer is not None
         consumer = self.consumer
+        if consumer is None:
+            raise RuntimeError("Intake.run() before start()")
         budget = self._s.max_buffered_records
         budget_bytes = self._s.max_buffered_bytes
         while not self._stopping.is_set():
@@ -174,12 +176,14 @@ class Intake:
                 self._pause(False)
 
     def _pause(self, pause: bool) -> None:
-        assert self.consumer is not None
-        parts = list(self.consumer.assignment())
+        consumer = self.consumer
+        if consumer is None:
+            return
+        parts = list(consumer.assignment())
         if pause:
-            self.consumer.pause(*parts)
+            consumer.pause(*parts)
         else:
-            self.consumer.resume(*parts)
+            consumer.resume(*parts)
         self.paused = pause
         self._m.paused_partitions.set(len(parts) if pause else 0)
 
@@ -232,24 +236,37 @@ class Intake:
     async def _reject(self, tracker: PartitionTracker, record: Any, exc: InvalidMessage) -> None:
         s = self._s
         headers = dlq_headers(
-            exc.reason, detail=exc.detail, source=(s.requests_topic, record.partition, record.offset)
+            exc.reason,
+            detail=exc.detail,
+            source=(s.requests_topic, record.partition, record.offset),
         )
         result = result_record(
-            request_id=None, status=Status.REJECTED, app_id=None, attempts=0,
+            request_id=None,
+            status=Status.REJECTED,
+            app_id=None,
+            attempts=0,
             error={"reason": exc.reason, "message": exc.detail},
-            partition=record.partition, offset=record.offset,
-        )  # fmt: skip
+            partition=record.partition,
+            offset=record.offset,
+        )
         self._m.dlq.labels(exc.reason).inc()
         self._m.outcomes.labels("none", Status.REJECTED.value).inc()
-        log.warning("partition %d offset %d rejected: %s", record.partition, record.offset, exc,
-                    extra={"partition": record.partition, "offset": record.offset})  # fmt: skip
+        log.warning(
+            "partition %d offset %d rejected: %s",
+            record.partition,
+            record.offset,
+            exc,
+            extra={"partition": record.partition, "offset": record.offset},
+        )
         futs = [
             await self._pub.send(
-                s.dlq_topic, record.value, key=record.key, headers=list(record.headers or ())
-                + headers,
+                s.dlq_topic,
+                record.value,
+                key=record.key,
+                headers=list(record.headers or ()) + headers,
             ),
             await self._pub.send(s.results_topic, result, key=record.key),
-        ]  # fmt: skip
+        ]
         for fut in futs:
             await fut
         tracker.done(record.offset)
@@ -293,18 +310,16 @@ class Intake:
                 log.warning("offset commit failed: %s", exc)
                 return 0
         for tp, om in offsets.items():
-            tracker = self.trackers.get(tp.partition)
-            if tracker is not None:
-                tracker.committed = om.offset
+            done = self.trackers.get(tp.partition)
+            if done is not None:
+                done.committed = om.offset
         self._m.commits.labels("success").inc()
         return len(offsets)
 
     async def commit_loop(self) -> None:
         while not self._stopping.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._s.commit_interval_s)
-            except TimeoutError:
-                pass
             await self.commit()
             self._update_lag()
 

@@ -158,17 +158,29 @@ class Delivery:
         if self._on_sent is not None:
             self._on_sent(req.request_id, accepted.message_id)
         record = result_record(
-            request_id=req.request_id, status=Status.SENT, app_id=req.app_id,
-            attempts=req.attempts, http_status=200, message_id=accepted.message_id,
+            request_id=req.request_id,
+            status=Status.SENT,
+            app_id=req.app_id,
+            attempts=req.attempts,
+            http_status=200,
+            message_id=accepted.message_id,
             accepted_time=accepted.accepted_time,
-            timings={"queued_s": round(started - req.received_at, 6),
-                     "sinch_s": round(now - started, 6)},
-            partition=req.partition, offset=req.offset,
-        )  # fmt: skip
+            timings={
+                "queued_s": round(started - req.received_at, 6),
+                "sinch_s": round(now - started, 6),
+            },
+            partition=req.partition,
+            offset=req.offset,
+        )
         status_doc = orjson.dumps(
-            {"request_id": req.request_id, "message_id": accepted.message_id, "status": "sent",
-             "app_id": req.app_id, "event_time": accepted.accepted_time}
-        )  # fmt: skip
+            {
+                "request_id": req.request_id,
+                "message_id": accepted.message_id,
+                "status": "sent",
+                "app_id": req.app_id,
+                "event_time": accepted.accepted_time,
+            }
+        )
         await self._finish(
             req,
             Status.SENT,
@@ -202,18 +214,20 @@ class Delivery:
             self._m.retries.labels("401").inc()
             req.renewed = True
             req.attempts -= 1  # an expired token is not the request's fault
-            try:
+            # on failure the next attempt meets the back-off of the token manager
+            with contextlib.suppress(AuthError):
                 await self._tokens.renew(header)
-            except AuthError:
-                pass  # the next attempt meets the back-off of the token manager
             lane.put_retry(req, now)
         elif action is Action.PAUSE_APP:
             req.attempts -= 1
             if lane.paused_until <= now:
                 log.error(
                     "app %s answered HTTP %s (%s): holding its lane for %.0f s",
-                    lane.app_id, getattr(exc, "status", "?"), decision.reason, self.app_pause_s,
-                )  # fmt: skip
+                    lane.app_id,
+                    getattr(exc, "status", "?"),
+                    decision.reason,
+                    self.app_pause_s,
+                )
             lane.pause(now + self.app_pause_s, decision.reason)
             lane.put_retry(req, now)
         elif action is Action.PAUSE_AUTH:
@@ -236,17 +250,25 @@ class Delivery:
         error: Any = exc.error if isinstance(exc, SinchError) else {"message": str(exc or reason)}
         s = self._s
         headers = dlq_headers(
-            reason, http_status=status, attempts=req.attempts,
-            first_error_at=req.first_error_at, last_error_at=req.last_error_at,
+            reason,
+            http_status=status,
+            attempts=req.attempts,
+            first_error_at=req.first_error_at,
+            last_error_at=req.last_error_at,
             detail=orjson.dumps(error).decode() if error else "",
             source=(s.requests_topic, req.partition, req.offset),
-        )  # fmt: skip
+        )
         self._m.dlq.labels(reason).inc()
         record = result_record(
-            request_id=req.request_id, status=Status.FAILED, app_id=req.app_id,
-            attempts=req.attempts, http_status=status, error=error,
-            partition=req.partition, offset=req.offset,
-        )  # fmt: skip
+            request_id=req.request_id,
+            status=Status.FAILED,
+            app_id=req.app_id,
+            attempts=req.attempts,
+            http_status=status,
+            error=error,
+            partition=req.partition,
+            offset=req.offset,
+        )
         log.warning("request_id=%s failed: %s", req.request_id, reason)
         await self._finish(
             req,
@@ -256,10 +278,14 @@ class Delivery:
 
     async def expire(self, req: Request) -> None:
         record = result_record(
-            request_id=req.request_id, status=Status.EXPIRED, app_id=req.app_id,
-            attempts=req.attempts, error={"message": "expire_at passed before sending"},
-            partition=req.partition, offset=req.offset,
-        )  # fmt: skip
+            request_id=req.request_id,
+            status=Status.EXPIRED,
+            app_id=req.app_id,
+            attempts=req.attempts,
+            error={"message": "expire_at passed before sending"},
+            partition=req.partition,
+            offset=req.offset,
+        )
         await self._finish(req, Status.EXPIRED, [(self._s.results_topic, record, None, None)])
 
     async def _finish(self, req: Request, status: Status, records: list[Output]) -> None:

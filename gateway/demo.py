@@ -13,6 +13,7 @@ import secrets
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -28,9 +29,7 @@ from gateway.simulator import cli as sim_cli
 from gateway.simulator.settings import SimulatorSettings
 
 
-async def read_records(
-    bootstrap: str, topic: str, count: int, timeout_s: float
-) -> list[Any]:
+async def read_records(bootstrap: str, topic: str, count: int, timeout_s: float) -> list[Any]:
     """Read ``topic`` from the beginning until ``count`` records or the deadline."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
@@ -57,9 +56,10 @@ async def read_records(
         await consumer.stop()
 
 
-async def publish(bootstrap: str, topic: str, docs: list[tuple[bytes | None, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                                max_request_size=8 << 20)  # fmt: skip
+async def publish(bootstrap: str, topic: str, docs: Sequence[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_request_size=8 << 20
+    )
     await producer.start()
     try:
         for key, value in docs:
@@ -95,28 +95,41 @@ async def run_demo(
 ) -> int:
     logs.setup("WARNING", "text")
     app_ids = [f"demo-app-{i + 1}" for i in range(apps)]
-    print(f"sinch-gateway demo: {messages} messages over {apps} apps "
-          f"(app cap {app_rate:g}/s, project cap {project_rate:g}/s, strict 1-second windows)")  # fmt: skip
+    print(
+        f"sinch-gateway demo: {messages} messages over {apps} apps "
+        f"(app cap {app_rate:g}/s, project cap {project_rate:g}/s, strict 1-second windows)"
+    )
     async with EmbeddedBroker() as broker:
         print(f"  broker     Tansu on {broker.bootstrap}")
         # the simulator posts signed callbacks to the gateway's webhook (its own port)
         hook_port, hook_secret = free_port(), secrets.token_urlsafe(24)
         sim = SimulatorSettings(
-            port=0, strict=True, app_rate=app_rate, project_rate=project_rate,
+            port=0,
+            strict=True,
+            app_rate=app_rate,
+            project_rate=project_rate,
             callback_url=f"http://127.0.0.1:{hook_port}/webhooks/sinch",
-            callback_secret=hook_secret, callback_failed_fraction=0.05,
-        )  # fmt: skip
+            callback_secret=hook_secret,
+            callback_failed_fraction=0.05,
+        )
         sim_runner, sim_port = await sim_cli.start(sim)
         print(f"  simulator  http://127.0.0.1:{sim_port}")
         try:
-            settings = demo_settings(broker.bootstrap, sim_port, app_rate=app_rate,
-                                     project_rate=project_rate, webhook_port=hook_port,
-                                     webhook_secret=hook_secret)  # fmt: skip
+            settings = demo_settings(
+                broker.bootstrap,
+                sim_port,
+                app_rate=app_rate,
+                project_rate=project_rate,
+                webhook_port=hook_port,
+                webhook_secret=hook_secret,
+            )
             gateway = Gateway(settings)
             stop = asyncio.Event()
             task = asyncio.create_task(gateway.run(stop))
-            await asyncio.wait({task, asyncio.ensure_future(gateway.started.wait())},
-                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            await asyncio.wait(
+                {task, asyncio.ensure_future(gateway.started.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             print(f"  gateway    admin on http://127.0.0.1:{gateway.http_port} (/metrics, /readyz)")
             print(f"  webhook    http://127.0.0.1:{hook_port}/webhooks/sinch (signed callbacks)")
             docs = []
@@ -126,16 +139,21 @@ async def run_demo(
             started = time.monotonic()
             await publish(broker.bootstrap, settings.requests_topic, docs)
             print(f"  published  {messages} requests; draining ...")
-            results = await read_records(broker.bootstrap, settings.results_topic, messages,
-                                         timeout_s=60 + messages / (apps * app_rate) * 2)  # fmt: skip
+            results = await read_records(
+                broker.bootstrap,
+                settings.results_topic,
+                messages,
+                timeout_s=60 + messages / (apps * app_rate) * 2,
+            )
             elapsed = time.monotonic() - started
             callbacks = await _callbacks(broker.bootstrap, settings, sim_port, messages)
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 30)
-            async with aiohttp.ClientSession() as http, http.get(
-                f"http://127.0.0.1:{sim_port}/_sim/stats"
-            ) as resp:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{sim_port}/_sim/stats") as resp,
+            ):
                 stats = await resp.json()
         finally:
             await sim_runner.cleanup()
@@ -146,9 +164,12 @@ async def run_demo(
 
 
 def _summary(
-    results: list[Any], elapsed: float, stats: dict[str, Any], app_rate: float,
+    results: list[Any],
+    elapsed: float,
+    stats: dict[str, Any],
+    app_rate: float,
     project_rate: float,
-) -> None:  # fmt: skip
+) -> None:
     statuses: Counter[str] = Counter()
     per_app: dict[str, list[float]] = defaultdict(list)
     for rec in results:
@@ -156,19 +177,25 @@ def _summary(
         statuses[doc["status"]] += 1
         if doc["status"] == "sent" and doc.get("accepted_time"):
             per_app[doc["app_id"]].append(_ts(doc["accepted_time"]))
-    print(f"\nresults after {elapsed:.1f} s: " + ", ".join(
-        f"{n} {s}" for s, n in sorted(statuses.items())) or "none")  # fmt: skip
+    print(
+        f"\nresults after {elapsed:.1f} s: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+        or "none"
+    )
     print(f"{'app':<14}{'sent':>6}{'rate/s':>9}{'cap/s':>7}{'max in 1 s':>12}")
     windows = stats.get("max_received_per_s", {}).get("by_app", {})
     for app_id in sorted(per_app):
         times = sorted(per_app[app_id])
         span = times[-1] - times[0] if len(times) > 1 else 0.0
         rate = (len(times) - 1) / span if span > 0 else float(len(times))
-        print(f"{app_id:<14}{len(times):>6}{rate:>9.1f}{app_rate:>7g}"
-              f"{windows.get(app_id, '-')!s:>12}")  # fmt: skip
+        print(
+            f"{app_id:<14}{len(times):>6}{rate:>9.1f}{app_rate:>7g}{windows.get(app_id, '-')!s:>12}"
+        )
     project_window = stats.get("max_received_per_s", {}).get("project", "-")
-    print(f"project: max {project_window} requests in any 1 s (cap {project_rate:g}); "
-          f"429s from the simulator: {stats.get('rejected_429', {}).get('total', '?')}")  # fmt: skip
+    print(
+        f"project: max {project_window} requests in any 1 s (cap {project_rate:g}); "
+        f"429s from the simulator: {stats.get('rejected_429', {}).get('total', '?')}"
+    )
 
 
 def _ts(text: str) -> float:

@@ -21,11 +21,17 @@ from gateway.errors import InvalidMessage
 REGIONS = frozenset({"us", "eu", "br"})
 MESSAGE_KINDS = frozenset(
     {
-        "text_message", "media_message", "template_message", "choice_message",
-        "card_message", "carousel_message", "location_message", "contact_info_message",
+        "text_message",
+        "media_message",
+        "template_message",
+        "choice_message",
+        "card_message",
+        "carousel_message",
+        "location_message",
+        "contact_info_message",
         "list_message",
     }
-)  # fmt: skip
+)
 MAX_REQUEST_ID = 256
 
 
@@ -108,9 +114,7 @@ def _recipient_channel(recipient: Any) -> str | None:
     identified = recipient.get("identified_by")
     idents = identified.get("channel_identities") if isinstance(identified, dict) else None
     if not isinstance(idents, list) or not idents:
-        raise InvalidMessage(
-            "missing_field", "payload.recipient needs contact_id or identified_by"
-        )
+        raise InvalidMessage("missing_field", "payload.recipient needs contact_id or identified_by")
     first = idents[0]
     if not isinstance(first, dict) or not isinstance(first.get("identity"), str):
         raise InvalidMessage("bad_field", "payload.recipient channel identity is malformed")
@@ -178,9 +182,7 @@ def decode(value: bytes | None, *, max_bytes: int) -> Request:
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def result_record(

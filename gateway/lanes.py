@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from gateway.envelope import Priority, Request
+from gateway.envelope import Request
 from gateway.limiter import Bucket, acquire
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,16 @@ class Lane:
     """The queue of one app, with its retries and its pause state."""
 
     __slots__ = (
-        "_queues", "_retries", "_wakeup", "app_id", "bucket", "depth", "pause_reason",
-        "paused_until", "worker",
-    )  # fmt: skip
+        "_queues",
+        "_retries",
+        "_wakeup",
+        "app_id",
+        "bucket",
+        "depth",
+        "pause_reason",
+        "paused_until",
+        "worker",
+    )
 
     def __init__(self, app_id: str, bucket: Bucket) -> None:
         self.app_id = app_id

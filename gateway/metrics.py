@@ -110,9 +110,11 @@ class Metrics:
             registry=r,
         )
         self.dlq = Counter(
-            "gateway_dlq_records", "Records written to the dead-letter topic, by reason.",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            "gateway_dlq_records",
+            "Records written to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.limiter_wait = Histogram(
             "gateway_limiter_wait_seconds",
             "Time a request waited for its rate-limit slots.",
@@ -132,9 +134,10 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "gateway_in_flight_requests", "Requests sent to Sinch and not answered yet.",
+            "gateway_in_flight_requests",
+            "Requests sent to Sinch and not answered yet.",
             registry=r,
-        )  # fmt: skip
+        )
         self.lane_depth = LaneDepth(self.app_label)
         r.register(self.lane_depth)
         self.buffered = Gauge(

@@ -92,5 +92,9 @@ def decode_done(base: int, text: str | None) -> set[int]:
     except (ValueError, zlib.error):
         return set()
     return {
-        base + (i << 3) + b for i, byte in enumerate(bits) if byte for b in range(8) if byte >> b & 1
+        base + (i << 3) + b
+        for i, byte in enumerate(bits)
+        if byte
+        for b in range(8)
+        if byte >> b & 1
     }

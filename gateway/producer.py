@@ -8,6 +8,7 @@ only after Kafka acknowledged what the record produced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import zlib
@@ -24,9 +25,7 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 
 
-def crc32_partitioner(
-    key: bytes | None, all_partitions: list[int], available: list[int]
-) -> int:
+def crc32_partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
     """Keyed records by CRC-32 (C speed; aiokafka's murmur2 is pure Python).
 
     Only this gateway writes its output topics, so no other producer needs to
@@ -63,19 +62,22 @@ async def ensure_topics(settings: Settings) -> None:
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            settings.requests_topic, settings.results_topic, settings.status_topic,
-            settings.dlq_topic, settings.events_topic,
-        ]  # fmt: skip
+            settings.requests_topic,
+            settings.results_topic,
+            settings.status_topic,
+            settings.dlq_topic,
+            settings.events_topic,
+        ]
         missing = [t for t in dict.fromkeys(wanted) if t not in existing]
         if not missing:
             return
-        try:
+        with contextlib.suppress(TopicAlreadyExistsError):  # another replica was first
             await admin.create_topics(
-                [NewTopic(t, settings.topic_partitions, settings.topic_replication)
-                 for t in missing]
-            )  # fmt: skip
-        except TopicAlreadyExistsError:
-            pass
+                [
+                    NewTopic(t, settings.topic_partitions, settings.topic_replication)
+                    for t in missing
+                ]
+            )
         log.info("created topics %s", ", ".join(missing))
     finally:
         await admin.close()
@@ -117,9 +119,13 @@ class Publisher:
         await self.stop()
 
     async def send(
-        self, topic: str, value: bytes | None, *, key: bytes | None = None,
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
         headers: Headers | None = None,
-    ) -> asyncio.Future[Any]:  # fmt: skip
+    ) -> asyncio.Future[Any]:
         if self._producer is None:
             raise RuntimeError("publisher is not started")
         fut: asyncio.Future[Any] = await self._producer.send(
@@ -132,9 +138,13 @@ class Publisher:
             await self._producer.flush()
 
     async def send_and_wait(
-        self, topic: str, value: bytes | None, *, key: bytes | None = None,
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
         headers: Headers | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         fut = await self.send(topic, value, key=key, headers=headers)
         try:
             await fut

@@ -43,8 +43,9 @@ def classify(exc: Exception, *, retry_in_doubt: bool = True, renewed: bool = Fal
         if status == 429:
             return Decision(Action.RETRY, "429", exc.retry_after_s)
         if status in RETRIABLE_STATUS:
-            return Decision(Action.RETRY, "5xx" if status >= 500 else str(status),
-                            exc.retry_after_s)  # fmt: skip
+            return Decision(
+                Action.RETRY, "5xx" if status >= 500 else str(status), exc.retry_after_s
+            )
         if status == 401:
             if renewed:
                 return Decision(Action.PAUSE_AUTH, "401_after_renewal")
@@ -65,7 +66,9 @@ def classify(exc: Exception, *, retry_in_doubt: bool = True, renewed: bool = Fal
     return Decision(Action.FAIL, type(exc).__name__)
 
 
-def backoff_s(attempt: int, *, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
+def backoff_s(
+    attempt: int, *, base_s: float, cap_s: float, rng: random.Random | None = None
+) -> float:
     """Full-jitter exponential back-off for the ``attempt``-th retry (1-based)."""
     ceiling = min(cap_s, base_s * 2 ** min(attempt - 1, 32))
     return (rng or random).uniform(0, ceiling)

@@ -80,9 +80,7 @@ class Settings:
     create_topics: bool = True
     topic_partitions: int = 6
     topic_replication: int = 1
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: str = "PLAIN"
     kafka_sasl_username: str | None = None
     kafka_sasl_password: Secret | None = None
@@ -144,21 +142,43 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = (
-            "topic_partitions", "topic_replication", "session_timeout_s", "fetch_max_records",
-            "commit_interval_s", "request_timeout_s", "connect_timeout_s", "project_rate",
-            "project_burst", "app_rate", "app_burst", "max_in_flight", "max_buffered_records",
-            "max_buffered_bytes", "max_message_bytes", "max_attempts", "max_retry_time_s",
-            "backoff_base_s", "backoff_max_s", "dedupe_size", "dedupe_ttl_s",
-            "shutdown_timeout_s", "webhook_max_age_s", "webhook_max_body_bytes",
-            "status_map_ttl_s", "status_map_size", "max_app_labels",
-        )  # fmt: skip
+            "topic_partitions",
+            "topic_replication",
+            "session_timeout_s",
+            "fetch_max_records",
+            "commit_interval_s",
+            "request_timeout_s",
+            "connect_timeout_s",
+            "project_rate",
+            "project_burst",
+            "app_rate",
+            "app_burst",
+            "max_in_flight",
+            "max_buffered_records",
+            "max_buffered_bytes",
+            "max_message_bytes",
+            "max_attempts",
+            "max_retry_time_s",
+            "backoff_base_s",
+            "backoff_max_s",
+            "dedupe_size",
+            "dedupe_ttl_s",
+            "shutdown_timeout_s",
+            "webhook_max_age_s",
+            "webhook_max_body_bytes",
+            "status_map_ttl_s",
+            "status_map_size",
+            "max_app_labels",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "a number greater than 0", getattr(self, name))
         if not 0 <= self.rate_margin < 0.5:
             raise ConfigError("rate_margin", "a fraction in [0, 0.5)", self.rate_margin)
         if self.token_refresh_margin_s < 0:
-            raise ConfigError("token_refresh_margin_s", "a number >= 0", self.token_refresh_margin_s)
+            raise ConfigError(
+                "token_refresh_margin_s", "a number >= 0", self.token_refresh_margin_s
+            )
         for port_name in ("http_port", "webhook_port"):
             port = getattr(self, port_name)
             if port is not None and not 0 <= port <= 65535:
@@ -204,6 +224,7 @@ class Settings:
 
 
 # -- loading ----------------------------------------------------------------
+
 
 def _field_kind(tp: Any) -> tuple[str, tuple[str, ...] | None, bool]:
     """(scalar kind, allowed literal values or None, optional?) of a field type."""
@@ -389,4 +410,3 @@ def load(
 
 def _is_app_map(raw: Any) -> bool:
     return isinstance(raw, Mapping) and all(isinstance(v, AppSettings) for v in raw.values())
-

@@ -8,7 +8,6 @@ reached Sinch). Retry decisions belong to :mod:`gateway.retry`.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import time
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ class SinchClient:
                 www_auth = resp.headers.get("WWW-Authenticate", "")
         except aiohttp.ClientConnectorError as exc:
             raise TransportError("connect", in_doubt=False) from exc
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise TransportError("timeout", in_doubt=True) from exc
         except aiohttp.ClientError as exc:
             raise TransportError(type(exc).__name__, in_doubt=True) from exc
@@ -92,6 +91,6 @@ class SinchClient:
                 error = {"code": status, "message": "non-standard error body"}
         except orjson.JSONDecodeError:
             error = {"code": status, "message": "error body is not JSON"}
-        exc = SinchError(status, error, parse_retry_after(retry_after))
-        exc.token_expired = status == 401 and "expired" in www_auth.lower()
-        raise exc
+        answer = SinchError(status, error, parse_retry_after(retry_after))
+        answer.token_expired = status == 401 and "expired" in www_auth.lower()
+        raise answer

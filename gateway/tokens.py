@@ -154,8 +154,7 @@ class TokenManager:
         if self._inflight is None:
             if self._clock() < self._retry_at and self.last_error is not None:
                 raise self.last_error
-            self._start_fetch()
-        assert self._inflight is not None
+            return await asyncio.shield(self._start_fetch())
         return await asyncio.shield(self._inflight)
 
     async def _fetch(self) -> str:
@@ -170,13 +169,15 @@ class TokenManager:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise self._failed(AuthError(f"token endpoint unreachable ({type(exc).__name__})"))
+            kind = type(exc).__name__
+            raise self._failed(AuthError(f"token endpoint unreachable ({kind})")) from None
         if status != 200:
             permanent = status in (400, 401, 403)
             raise self._failed(
-                AuthError(f"token endpoint answered HTTP {status}", status=status,
-                          permanent=permanent)
-            )  # fmt: skip
+                AuthError(
+                    f"token endpoint answered HTTP {status}", status=status, permanent=permanent
+                )
+            )
         try:
             doc = orjson.loads(body)
             token = doc["access_token"]
@@ -184,7 +185,9 @@ class TokenManager:
             if not isinstance(token, str) or not token or lifetime <= 0:
                 raise ValueError("bad token document")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise self._failed(AuthError("token endpoint sent an unusable answer", status=status))
+            raise self._failed(
+                AuthError("token endpoint sent an unusable answer", status=status)
+            ) from None
         self._header = f"Bearer {token}"
         self._expires_at = started + lifetime
         self._refresh_at = started + lifetime - min(self._margin, lifetime / 4)
@@ -203,6 +206,7 @@ class TokenManager:
         self.last_error = err
         if self._on_refresh:
             self._on_refresh("failure", None)
-        log.warning("token refresh failed (%s); next attempt in %.1f s", err,
-                    self._retry_at - self._clock())  # fmt: skip
+        log.warning(
+            "token refresh failed (%s); next attempt in %.1f s", err, self._retry_at - self._clock()
+        )
         return err

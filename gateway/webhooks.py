@@ -307,9 +307,14 @@ class WebhookReceiver:
             await fut
 
     def _status_record(
-        self, doc: dict[str, Any], report: dict[str, Any], app_id: str, message_id: str,
-        correlation: str, status: str,
-    ) -> tuple[str, bytes] | None:  # fmt: skip
+        self,
+        doc: dict[str, Any],
+        report: dict[str, Any],
+        app_id: str,
+        message_id: str,
+        correlation: str,
+        status: str,
+    ) -> tuple[str, bytes] | None:
         request_id = self._sent.get(message_id) if message_id else None
         matched_by = "message_id"
         if request_id is None:

@@ -21,7 +21,7 @@ def setup() -> tuple[Clock, Bucket, dict[str, Lane], AdaptiveRates]:
 
 
 def test_429s_from_one_app_slow_that_app_only_and_once_per_cooldown():
-    clock, project, lanes, rates = setup()
+    _clock, project, lanes, rates = setup()
     full = lanes["a"].bucket.pace
     for _ in range(10):  # a burst of answers to requests already in flight
         rates.on_answer(lanes["a"], 429)
@@ -40,7 +40,7 @@ def test_429s_across_apps_slow_the_project():
 
 
 def test_a_lone_429_is_not_a_pattern():
-    clock, project, lanes, rates = setup()
+    clock, _project, lanes, rates = setup()
     full = lanes["a"].bucket.pace
     rates.on_answer(lanes["a"], 429)
     clock.now += 1.5
@@ -49,7 +49,7 @@ def test_a_lone_429_is_not_a_pattern():
 
 
 def test_recovery_is_gradual_and_only_after_a_quiet_spell():
-    clock, project, lanes, rates = setup()
+    clock, _project, lanes, rates = setup()
     bucket = lanes["a"].bucket
     full = bucket.pace
     rates.on_answer(lanes["a"], 429)

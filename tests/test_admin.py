@@ -61,9 +61,11 @@ async def test_readyz_is_200_only_when_every_check_passes_and_says_why_not(
     assert body == {
         "ready": True,
         "reason": "all checks pass",
-        "checks": {"kafka": {"ok": True, "detail": "connected"},
-                   "token": {"ok": True, "detail": "valid"}},
-    }  # fmt: skip
+        "checks": {
+            "kafka": {"ok": True, "detail": "connected"},
+            "token": {"ok": True, "detail": "valid"},
+        },
+    }
 
     kafka.ok, kafka.detail = False, "no connection to any Kafka broker (127.0.0.1:1)"
     token.ok, token.detail = False, "no valid token"

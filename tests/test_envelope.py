@@ -10,11 +10,12 @@ GOOD = {
     "request_id": "r1",
     "payload": {
         "app_id": "a1",
-        "recipient": {"identified_by": {"channel_identities": [{"channel": "sms",
-                                                                 "identity": "46700"}]}},
+        "recipient": {
+            "identified_by": {"channel_identities": [{"channel": "sms", "identity": "46700"}]}
+        },
         "message": {"text_message": {"text": "hi"}},
     },
-}  # fmt: skip
+}
 
 
 def with_(**changes):
@@ -72,8 +73,9 @@ def test_body_fills_gateway_owned_fields_only_when_absent():
     assert body["correlation_id"] == "r1"
     assert body["queue"] == "HIGH_PRIORITY"
     assert body["ttl"] == "90s"
-    own = decode(with_(payload__correlation_id="mine", payload__queue="NORMAL_PRIORITY"),
-                 max_bytes=10_000)  # fmt: skip
+    own = decode(
+        with_(payload__correlation_id="mine", payload__queue="NORMAL_PRIORITY"), max_bytes=10_000
+    )
     body = orjson.loads(own.body(now=0))
     assert body["correlation_id"] == "mine"
     assert body["queue"] == "NORMAL_PRIORITY"

@@ -109,9 +109,13 @@ def test_text_format_is_for_humans_and_shows_the_context() -> None:
 
 def test_protected_secrets_never_appear_in_either_format() -> None:
     settings = load(
-        env={}, kafka_bootstrap="127.0.0.1:1", project_id="p", key_id="kid",
-        key_secret="s3cr3t-value-for-logs", webhook_secret="hook-s3cr3t-xyz",
-    )  # fmt: skip
+        env={},
+        kafka_bootstrap="127.0.0.1:1",
+        project_id="p",
+        key_id="kid",
+        key_secret="s3cr3t-value-for-logs",
+        webhook_secret="hook-s3cr3t-xyz",
+    )
     logs.protect_secrets(settings)
     leaky = record("auth failed with %s / %s", settings.key_secret.reveal(), "hook-s3cr3t-xyz")
     for formatter in (logs.JsonFormatter(), logs.TextFormatter()):

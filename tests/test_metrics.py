@@ -126,7 +126,10 @@ def test_promtool_accepts_a_populated_exposition() -> None:
     m.webhook_events.labels("MESSAGE_DELIVERY", "published").inc()
     m.lane_depth.bind(lambda: [("a1", 2)])
     proc = subprocess.run(
-        [promtool, "check", "metrics"], input=generate_latest(m.registry),
-        capture_output=True, timeout=60, check=False,
-    )  # fmt: skip
+        [promtool, "check", "metrics"],
+        input=generate_latest(m.registry),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -34,16 +34,22 @@ CATALOG = DEPLOY / "METRICS.md"
 def tool(name: str) -> str:
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} not found on PATH: install the Debian package prometheus "
-                    "(apt-get install prometheus; .ci/run does it)")  # fmt: skip
+        pytest.fail(
+            f"{name} not found on PATH: install the Debian package prometheus "
+            "(apt-get install prometheus; .ci/run does it)"
+        )
     return found
 
 
 def run_tool(*args: str, stdin: bytes | None = None, cwd: Path | None = None) -> str:
     proc = subprocess.run(
-        [tool(args[0]), *args[1:]], input=stdin, capture_output=True, timeout=60,
-        check=False, cwd=cwd,
-    )  # fmt: skip
+        [tool(args[0]), *args[1:]],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+    )
     out = (proc.stdout + proc.stderr).decode()
     assert proc.returncode == 0, out
     return out
@@ -51,10 +57,23 @@ def run_tool(*args: str, stdin: bytes | None = None, cwd: Path | None = None) ->
 
 # -- PromQL -------------------------------------------------------------------------
 
-_KEYWORDS = frozenset({
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
-    "unless", "offset", "inf", "nan",
-})  # fmt: skip
+_KEYWORDS = frozenset(
+    {
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "inf",
+        "nan",
+    }
+)
 _TOKEN = re.compile(
     r"(?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?[a-z]*)|(?P<id>[A-Za-z_:][A-Za-z0-9_:]*)"
 )
@@ -142,9 +161,10 @@ def test_promtool_test_rules_provokes_every_alert() -> None:
     tested = set(re.findall(r"^\s*alertname:\s*(\w+)", ALERTS_TEST.read_text(), re.MULTILINE))
     text = ALERTS_TEST.read_text()
     fired = {
-        name for name in tested
+        name
+        for name in tested
         if re.search(rf"alertname: {name}\n\s*exp_alerts:\n\s*- exp_labels", text)
-    }  # fmt: skip
+    }
     assert sorted(fired) == sorted(alert_names())
     assert len(alert_names()) >= 6
 
@@ -156,16 +176,25 @@ def test_promtool_test_rules_fails_when_an_alert_does_not_fire(tmp_path: Path) -
     (tmp_path / "alerts.yml").write_text(rules.replace("> 0.05\n", "> 0.5\n", 1))
     shutil.copy(ALERTS_TEST, tmp_path / ALERTS_TEST.name)
     proc = subprocess.run(
-        [tool("promtool"), "test", "rules", ALERTS_TEST.name], cwd=tmp_path,
-        capture_output=True, timeout=60, check=False,
-    )  # fmt: skip
+        [tool("promtool"), "test", "rules", ALERTS_TEST.name],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode != 0
     assert b"GatewayDLQRateHigh" in proc.stdout + proc.stderr
 
 
 def test_the_required_alerts_exist() -> None:
-    required = {"GatewayDLQRateHigh", "GatewaySustained429s", "GatewayConsumerLagGrowing",
-                "GatewayTokenRefreshFailing", "GatewayNothingSent", "GatewayDown"}  # fmt: skip
+    required = {
+        "GatewayDLQRateHigh",
+        "GatewaySustained429s",
+        "GatewayConsumerLagGrowing",
+        "GatewayTokenRefreshFailing",
+        "GatewayNothingSent",
+        "GatewayDown",
+    }
     assert required <= set(alert_names())
     assert len(set(alert_names())) == len(alert_names())
 

@@ -56,8 +56,13 @@ def test_bad_toml_app_override_names_the_key(tmp_path):
 def test_secret_from_file_is_masked(tmp_path):
     secret_file = tmp_path / "secret"
     secret_file.write_text("hunter2-very-secret\n")
-    s = load(env={"GATEWAY_KEY_SECRET_FILE": str(secret_file), "GATEWAY_PROJECT_ID": "p",
-                  "GATEWAY_KEY_ID": "k"})  # fmt: skip
+    s = load(
+        env={
+            "GATEWAY_KEY_SECRET_FILE": str(secret_file),
+            "GATEWAY_PROJECT_ID": "p",
+            "GATEWAY_KEY_ID": "k",
+        }
+    )
     assert s.key_secret.reveal() == "hunter2-very-secret"
     assert "hunter2" not in repr(s)
     assert "hunter2" not in str(s.key_secret)
@@ -72,10 +77,14 @@ def test_missing_credentials_name_the_key():
 def test_cli_exits_non_zero_with_one_line_naming_the_key():
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env.update({"GATEWAY_APP_RATE": "twenty", "GATEWAY_KEY_SECRET": "do-not-print-me"})
-    proc = subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "gateway", "run"], env=env, capture_output=True, text=True,
-        timeout=60, check=False,
-    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "GATEWAY_APP_RATE" in proc.stderr
     assert "do-not-print-me" not in proc.stderr + proc.stdout

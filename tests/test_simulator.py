@@ -692,10 +692,21 @@ def test_cli_flags_to_settings() -> None:
     cli.add_arguments(parser)
     ns = parser.parse_args(
         [
-            "--port", "9999", "--project-rate", "5", "--strict", "--apps", "a1:us,a2:eu",
-            "--app-rates", "a1:50", "--error-rate", "0.1", "--callback-url", "http://x/y",
+            "--port",
+            "9999",
+            "--project-rate",
+            "5",
+            "--strict",
+            "--apps",
+            "a1:us,a2:eu",
+            "--app-rates",
+            "a1:50",
+            "--error-rate",
+            "0.1",
+            "--callback-url",
+            "http://x/y",
         ]
-    )  # fmt: skip
+    )
     settings = cli.settings_from_args(ns)
     assert settings.port == 9999
     assert settings.project_rate == 5

@@ -71,8 +71,9 @@ class CountingPublisher:
         self.inner = inner
         self.sent: list[tuple[str, bytes | None, bytes | None, Any]] = []
 
-    async def send(self, topic: str, value: bytes | None, *, key: bytes | None = None,
-                   headers: Any = None) -> asyncio.Future[Any]:  # fmt: skip
+    async def send(
+        self, topic: str, value: bytes | None, *, key: bytes | None = None, headers: Any = None
+    ) -> asyncio.Future[Any]:
         self.sent.append((topic, value, key, headers))
         return await self.inner.send(topic, value, key=key, headers=headers)
 
@@ -80,34 +81,59 @@ class CountingPublisher:
 def settings_for(bootstrap: str, **kw: Any) -> Settings:
     tag = uuid.uuid4().hex[:8]
     values: dict[str, Any] = {
-        "kafka_bootstrap": bootstrap, "events_topic": f"evt-{tag}", "status_topic": f"sta-{tag}",
-        "requests_topic": f"req-{tag}", "results_topic": f"res-{tag}", "dlq_topic": f"dlq-{tag}",
-        "topic_partitions": 1, "webhook_secret": SECRET,
-    }  # fmt: skip
+        "kafka_bootstrap": bootstrap,
+        "events_topic": f"evt-{tag}",
+        "status_topic": f"sta-{tag}",
+        "requests_topic": f"req-{tag}",
+        "results_topic": f"res-{tag}",
+        "dlq_topic": f"dlq-{tag}",
+        "topic_partitions": 1,
+        "webhook_secret": SECRET,
+    }
     values.update(kw)
     return load(env={}, **values)
 
 
-def signed(body: bytes, *, secret: str = SECRET, nonce: str | None = None,
-           timestamp: int | None = None) -> dict[str, str]:  # fmt: skip
+def signed(
+    body: bytes, *, secret: str = SECRET, nonce: str | None = None, timestamp: int | None = None
+) -> dict[str, str]:
     nonce = nonce or secrets.token_hex(13)
     ts = str(int(time.time()) if timestamp is None else timestamp)
-    return {NONCE: nonce, TIMESTAMP: ts, SIGNATURE: sign(secret, body, nonce, ts),
-            "Content-Type": "application/json"}  # fmt: skip
+    return {
+        NONCE: nonce,
+        TIMESTAMP: ts,
+        SIGNATURE: sign(secret, body, nonce, ts),
+        "Content-Type": "application/json",
+    }
 
 
-def report(message_id: str, status: str, *, app_id: str = "app-1", correlation_id: str = "",
-           event_time: str = "2024-01-01T00:00:01.000000Z") -> bytes:  # fmt: skip
-    return orjson.dumps({
-        "app_id": app_id, "accepted_time": "2024-01-01T00:00:00.000000Z",
-        "event_time": event_time, "project_id": "p-1",
-        "message_delivery_report": {
-            "message_id": message_id, "status": status, "conversation_id": "c-1",
-            "channel_identity": {"channel": "SMS", "identity": "46700000000", "app_id": app_id},
-            "contact_id": "k-1", "metadata": "", "processing_mode": "CONVERSATION",
-        },
-        "message_metadata": "", "correlation_id": correlation_id,
-    })  # fmt: skip
+def report(
+    message_id: str,
+    status: str,
+    *,
+    app_id: str = "app-1",
+    correlation_id: str = "",
+    event_time: str = "2024-01-01T00:00:01.000000Z",
+) -> bytes:
+    return orjson.dumps(
+        {
+            "app_id": app_id,
+            "accepted_time": "2024-01-01T00:00:00.000000Z",
+            "event_time": event_time,
+            "project_id": "p-1",
+            "message_delivery_report": {
+                "message_id": message_id,
+                "status": status,
+                "conversation_id": "c-1",
+                "channel_identity": {"channel": "SMS", "identity": "46700000000", "app_id": app_id},
+                "contact_id": "k-1",
+                "metadata": "",
+                "processing_mode": "CONVERSATION",
+            },
+            "message_metadata": "",
+            "correlation_id": correlation_id,
+        }
+    )
 
 
 Env = tuple[Any, WebhookReceiver, CountingPublisher, Settings]
@@ -189,11 +215,13 @@ def test_simulator_signatures_pass_the_sdk_validator() -> None:
 async def test_sdk_computed_signatures_pass_the_gateway(make_env: MakeEnv) -> None:
     client, _, pub, _ = await make_env()
     for i, text in enumerate(["plain", "unicode åäö ✓", "emoji 🚀"]):
-        body_text = json.dumps({"app_id": "app-1", "message": {"id": f"in-{i}", "text": text}},
-                               ensure_ascii=False)  # fmt: skip
+        body_text = json.dumps(
+            {"app_id": "app-1", "message": {"id": f"in-{i}", "text": text}}, ensure_ascii=False
+        )
         nonce, ts = f"01HNONCE{i:018d}", str(int(time.time()))
-        signature = calculate_sinch_event_signature(compute_signed_data(body_text, nonce, ts),
-                                                    SECRET)  # fmt: skip
+        signature = calculate_sinch_event_signature(
+            compute_signed_data(body_text, nonce, ts), SECRET
+        )
         headers = {SIGNATURE: signature, NONCE: nonce, TIMESTAMP: ts}
         assert ConversationSinchEvent(SECRET).validate_authentication_header(headers, body_text)
         status, _ = await post(client, body_text.encode(), headers)
@@ -230,15 +258,20 @@ async def test_each_rejection_has_its_status_a_json_error_and_publishes_nothing(
         ("future", body, signed(body, timestamp=now + 301), 401),
         ("timestamp not a number", body, {**good, TIMESTAMP: "17e8"}, 401),
         ("timestamp with underscore", body, signed(body, timestamp=None) | {TIMESTAMP: "1_7"}, 401),
-        ("too large", b"{" + b" " * 4096 + b"}", signed(b"{" + b" " * 4096 + b"}", timestamp=now),
-         413),
+        (
+            "too large",
+            b"{" + b" " * 4096 + b"}",
+            signed(b"{" + b" " * 4096 + b"}", timestamp=now),
+            413,
+        ),
         ("not JSON", b"hello", signed(b"hello", timestamp=now), 400),
         ("JSON but not an object", b"[1,2]", signed(b"[1,2]", timestamp=now), 400),
         ("empty body", b"", signed(b"", timestamp=now), 400),
-    ]  # fmt: skip
+    ]
     for header in (SIGNATURE, NONCE, TIMESTAMP):
-        cases.append((f"missing {header}", body, {k: v for k, v in good.items() if k != header},
-                      401))  # fmt: skip
+        cases.append(
+            (f"missing {header}", body, {k: v for k, v in good.items() if k != header}, 401)
+        )
         cases.append((f"empty {header}", body, {**good, header: ""}, 401))
     for name, data, headers, expected in cases:
         status, answer = await post(client, data, headers)
@@ -316,13 +349,25 @@ async def test_header_bytes_that_are_not_utf8_are_a_401_not_a_500(make_env: Make
             signature = sign(SECRET, body, nonce, ts)
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(
-            b"POST " + PATH.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"POST "
+            + PATH.encode()
+            + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             + b"Content-Type: application/json\r\nConnection: close\r\n"
             + f"Content-Length: {len(body)}\r\n".encode()
-            + NONCE.encode() + b": " + nonce_bytes + b"\r\n"
-            + TIMESTAMP.encode() + b": " + ts.encode() + b"\r\n"
-            + SIGNATURE.encode() + b": " + signature.encode() + b"\r\n\r\n" + body
-        )  # fmt: skip
+            + NONCE.encode()
+            + b": "
+            + nonce_bytes
+            + b"\r\n"
+            + TIMESTAMP.encode()
+            + b": "
+            + ts.encode()
+            + b"\r\n"
+            + SIGNATURE.encode()
+            + b": "
+            + signature.encode()
+            + b"\r\n\r\n"
+            + body
+        )
         await writer.drain()
         status_line = await reader.readline()
         writer.close()
@@ -408,8 +453,9 @@ async def test_events_keyed_by_app_with_headers_and_reports_on_the_status_topic(
     bodies = [
         # out of order: DELIVERED before QUEUED_ON_CHANNEL
         report("msg-1", "DELIVERED", correlation_id="req-1", event_time="2024-01-01T00:00:02Z"),
-        report("msg-1", "QUEUED_ON_CHANNEL", correlation_id="req-1",
-               event_time="2024-01-01T00:00:01Z"),
+        report(
+            "msg-1", "QUEUED_ON_CHANNEL", correlation_id="req-1", event_time="2024-01-01T00:00:01Z"
+        ),
         # not in the map (another replica sent it): the correlation_id is the request_id
         report("msg-2", "FAILED", correlation_id="req-2"),
         # neither in the map nor correlated: an event, no status record
@@ -417,15 +463,18 @@ async def test_events_keyed_by_app_with_headers_and_reports_on_the_status_topic(
         # not a delivery status the status topic carries
         report("msg-1", "UNKNOWN_STATUS", correlation_id="req-1"),
         orjson.dumps({"app_id": "app-2", "message": {"id": "in-1", "direction": "TO_APP"}}),
-    ]  # fmt: skip
+    ]
     for body in bodies:
         assert (await post(client, body, signed(body)))[0] == 200
     events = await read_records(broker.bootstrap, settings.events_topic, 6, timeout_s=10)
     assert [e.value for e in events] == bodies
     assert [e.key for e in events] == [b"app-1"] * 5 + [b"app-2"]
     headers = [dict(e.headers) for e in events]
-    assert headers[0] == {"sinch.trigger": b"MESSAGE_DELIVERY", "sinch.message_id": b"msg-1",
-                          "sinch.correlation_id": b"req-1"}  # fmt: skip
+    assert headers[0] == {
+        "sinch.trigger": b"MESSAGE_DELIVERY",
+        "sinch.message_id": b"msg-1",
+        "sinch.correlation_id": b"req-1",
+    }
     assert headers[3] == {"sinch.trigger": b"MESSAGE_DELIVERY", "sinch.message_id": b"msg-3"}
     assert headers[5] == {"sinch.trigger": b"MESSAGE_INBOUND", "sinch.message_id": b"in-1"}
 
@@ -464,9 +513,20 @@ def _random_json(rng: random.Random, depth: int = 0) -> Any:
         return rng.randrange(-(10**30), 10**30)
     if kind == 5:
         return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
-    keys = ["app_id", "correlation_id", "message_delivery_report", "message", "status",
-            "message_id", "id", "channel_identity", "reason", "event_time", "event",
-            _random_text(rng, 5)]  # fmt: skip
+    keys = [
+        "app_id",
+        "correlation_id",
+        "message_delivery_report",
+        "message",
+        "status",
+        "message_id",
+        "id",
+        "channel_identity",
+        "reason",
+        "event_time",
+        "event",
+        _random_text(rng, 5),
+    ]
     return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randrange(6))}
 
 
@@ -496,8 +556,12 @@ def _random_body(rng: random.Random) -> bytes:
 async def _raw_post(port: int, head: list[tuple[bytes, bytes]], body: bytes) -> int:
     """POST with header bytes no client library would send; the answer's status."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    lines = [b"POST " + PATH.encode() + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close",
-             b"Content-Length: " + str(len(body)).encode()]  # fmt: skip
+    lines = [
+        b"POST " + PATH.encode() + b" HTTP/1.1",
+        b"Host: 127.0.0.1",
+        b"Connection: close",
+        b"Content-Length: " + str(len(body)).encode(),
+    ]
     lines += [name + b": " + value for name, value in head]
     writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
     await writer.drain()
@@ -520,8 +584,11 @@ async def test_2000_random_bodies_and_headers_never_5xx(make_env: MakeEnv) -> No
         mode = rng.random()
         if mode < 0.1:  # raw random header bytes (no CR, LF or NUL: those break the request)
             junk = bytes(b for b in rng.randbytes(40) if b not in b"\r\n\x00")
-            head = [(NONCE.encode(), junk[:20]), (TIMESTAMP.encode(), str(now).encode()),
-                    (SIGNATURE.encode(), junk[20:])]  # fmt: skip
+            head = [
+                (NONCE.encode(), junk[:20]),
+                (TIMESTAMP.encode(), str(now).encode()),
+                (SIGNATURE.encode(), junk[20:]),
+            ]
             status = await _raw_post(client.server.port, head, body)
             statuses[status] = statuses.get(status, 0) + 1
             assert status in (400, 401, 413), (body, head)
@@ -530,8 +597,18 @@ async def test_2000_random_bodies_and_headers_never_5xx(make_env: MakeEnv) -> No
             nonce, ts, secret = f"n-{i}", str(now), SECRET
         else:
             nonce = rng.choice([f"n-{i}", _random_text(rng, rng.randrange(1, 30)), "", "n-0"])
-            ts = rng.choice([str(now), str(now - 10_000), _random_text(rng, 5), "", str(now + 1),
-                             "-1", "99999999999999999999", str(now) + " "])  # fmt: skip
+            ts = rng.choice(
+                [
+                    str(now),
+                    str(now - 10_000),
+                    _random_text(rng, 5),
+                    "",
+                    str(now + 1),
+                    "-1",
+                    "99999999999999999999",
+                    str(now) + " ",
+                ]
+            )
             secret = rng.choice([SECRET, SECRET, "wrong"])
         # aiohttp refuses to send some characters in header values; keep the rest
         nonce_ok = nonce.isprintable() and "\x7f" not in nonce

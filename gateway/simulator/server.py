@@ -460,7 +460,7 @@ class Simulator:
         changes = await _read_object(request)
         try:
             if changes is None:
-                raise ValueError("body: must be a JSON object")  # noqa: TRY301
+                raise ValueError("body: must be a JSON object")
             self.settings = patch(self.settings, changes)
         except ValueError as exc:
             return self._error("sim", 400, "INVALID_ARGUMENT", str(exc))

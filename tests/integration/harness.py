@@ -19,14 +19,25 @@ from gateway.demo import demo_settings, publish, read_records
 from gateway.settings import Settings
 
 __all__ = [
-    "committed_total", "publish", "read_records", "requests_for", "running", "settings_for",
-    "spawn", "to_env",
-]  # fmt: skip
+    "committed_total",
+    "publish",
+    "read_records",
+    "requests_for",
+    "running",
+    "settings_for",
+    "spawn",
+    "to_env",
+]
 
 
 def settings_for(bootstrap: str, sim_port: int, topics: dict[str, str], **kw: Any) -> Settings:
-    values: dict[str, Any] = {**topics, "topic_partitions": 3, "session_timeout_s": 2.0,
-                              "commit_interval_s": 0.2, "log_level": "INFO"}  # fmt: skip
+    values: dict[str, Any] = {
+        **topics,
+        "topic_partitions": 3,
+        "session_timeout_s": 2.0,
+        "commit_interval_s": 0.2,
+        "log_level": "INFO",
+    }
     values.update(kw)
     return demo_settings(bootstrap, sim_port, **values)
 
@@ -59,8 +70,9 @@ async def running(settings: Settings) -> AsyncIterator[Gateway]:
 
 async def committed_total(bootstrap: str, topic: str, group_id: str, partitions: int) -> int:
     """Sum of the group's committed offsets (records are numbered from 0 per partition)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
-                                enable_auto_commit=False)  # fmt: skip
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         total = 0
@@ -86,7 +98,9 @@ def to_env(settings: Settings) -> dict[str, str]:
             continue
         if isinstance(value, Secret):
             value = value.reveal()
-        env[f"GATEWAY_{f.name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"GATEWAY_{f.name.upper()}"] = (
+            str(value).lower() if isinstance(value, bool) else str(value)
+        )
     return env
 
 
@@ -94,7 +108,9 @@ def spawn(settings: Settings, log_path: str) -> subprocess.Popen[bytes]:
     """``gateway run`` as a process of its own (for kill and signal tests)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     with open(log_path, "ab") as log:  # noqa: PTH123
-        return subprocess.Popen(  # noqa: S603
+        return subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "--log-format", "text"],
-            env={**base, **to_env(settings)}, stdout=log, stderr=log,
-        )  # fmt: skip
+            env={**base, **to_env(settings)},
+            stdout=log,
+            stderr=log,
+        )

@@ -25,11 +25,17 @@ async def test_200_sends_come_back_as_delivery_reports_on_events_and_status(
 ):
     port = free_port()
     sim = await simulator_factory(
-        strict=True, app_rate=50, callback_url=hook_url(port), callback_secret=SECRET,
-        callback_failed_fraction=0.1, callback_delay_s=0.05, seed=7,
-    )  # fmt: skip
-    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=50,
-                            webhook_secret=SECRET, webhook_port=port)  # fmt: skip
+        strict=True,
+        app_rate=50,
+        callback_url=hook_url(port),
+        callback_secret=SECRET,
+        callback_failed_fraction=0.1,
+        callback_delay_s=0.05,
+        seed=7,
+    )
+    settings = settings_for(
+        broker.bootstrap, sim.port, topics, app_rate=50, webhook_secret=SECRET, webhook_port=port
+    )
     docs = requests_for([f"app-{i}" for i in range(4)], 200)
     async with running(settings) as gateway:
         assert gateway.webhook_port == port
@@ -99,10 +105,12 @@ async def test_inbound_message_and_forged_callback_on_the_admin_port(
     broker, simulator_factory, topics
 ):
     port = free_port()
-    sim = await simulator_factory(callback_url=hook_url(port), callback_secret=SECRET,
-                                  callback_retries=0)  # fmt: skip
-    settings = settings_for(broker.bootstrap, sim.port, topics, webhook_secret=SECRET,
-                            http_port=port)  # fmt: skip
+    sim = await simulator_factory(
+        callback_url=hook_url(port), callback_secret=SECRET, callback_retries=0
+    )
+    settings = settings_for(
+        broker.bootstrap, sim.port, topics, webhook_secret=SECRET, http_port=port
+    )
     async with running(settings) as gateway:
         assert gateway.http_port == port
         assert gateway.webhook_port is None

@@ -61,8 +61,9 @@ class Stack:
     secret: str
 
     async def query(self, promql: str) -> dict[str, Any]:
-        async with self.http.get(f"{self.prometheus}/api/v1/query",
-                                 params={"query": promql}) as resp:  # fmt: skip
+        async with self.http.get(
+            f"{self.prometheus}/api/v1/query", params={"query": promql}
+        ) as resp:
             doc: dict[str, Any] = await resp.json()
         assert doc["status"] == "success", (promql, doc)
         return doc
@@ -80,8 +81,10 @@ class Stack:
 def prometheus_binary() -> str:
     found = shutil.which("prometheus")
     if found is None:
-        pytest.fail("prometheus not found on PATH: install the Debian package prometheus "
-                    "(apt-get install prometheus; .ci/run does it)")  # fmt: skip
+        pytest.fail(
+            "prometheus not found on PATH: install the Debian package prometheus "
+            "(apt-get install prometheus; .ci/run does it)"
+        )
     return found
 
 
@@ -107,11 +110,16 @@ def start_prometheus(binary: str, tmp: Path, config: str, port: int) -> subproce
     (tmp / "prometheus.yml").write_text(config)
     with (tmp / "prometheus.log").open("wb") as log_file:
         return subprocess.Popen(
-            [binary, f"--config.file={tmp / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-             "--log.level=warn"],
-            stdout=log_file, stderr=log_file,
-        )  # fmt: skip
+            [
+                binary,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log_file,
+            stderr=log_file,
+        )
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
@@ -135,9 +143,17 @@ async def stack(
     tmp = tmp_path_factory.mktemp("prometheus")
     sim_runner, sim_port = await sim_cli.start(SimulatorSettings(port=0, app_rate=100))
     tag = uuid.uuid4().hex[:8]
-    topics = {name: f"{short}-{tag}" for name, short in (
-        ("requests_topic", "req"), ("results_topic", "res"), ("status_topic", "sta"),
-        ("dlq_topic", "dlq"), ("events_topic", "evt"), ("group_id", "grp"))}  # fmt: skip
+    topics = {
+        name: f"{short}-{tag}"
+        for name, short in (
+            ("requests_topic", "req"),
+            ("results_topic", "res"),
+            ("status_topic", "sta"),
+            ("dlq_topic", "dlq"),
+            ("events_topic", "evt"),
+            ("group_id", "grp"),
+        )
+    }
     settings = settings_for(broker.bootstrap, sim_port, topics, app_rate=100)
     http = aiohttp.ClientSession()
     try:
@@ -145,14 +161,20 @@ async def stack(
             port = free_port()
             config = prometheus_config(gateway.http_port or 0, sim_port)
             proc = start_prometheus(binary, tmp, config, port)
-            s = Stack(http, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{gateway.http_port}",
-                      f"http://127.0.0.1:{sim_port}", settings.key_secret.reveal())  # fmt: skip
+            s = Stack(
+                http,
+                f"http://127.0.0.1:{port}",
+                f"http://127.0.0.1:{gateway.http_port}",
+                f"http://127.0.0.1:{sim_port}",
+                settings.key_secret.reveal(),
+            )
             try:
                 await wait_until_scraping(s, proc, tmp)
                 docs = requests_for(APPS, SENT) + [(b"bad", v) for v in BAD]
                 await publish(broker.bootstrap, settings.requests_topic, docs)
-                results = await read_records(broker.bootstrap, settings.results_topic,
-                                             len(docs), 30)  # fmt: skip
+                results = await read_records(
+                    broker.bootstrap, settings.results_topic, len(docs), 30
+                )
                 statuses = [orjson.loads(r.value)["status"] for r in results]
                 assert statuses.count("sent") == SENT
                 assert statuses.count("rejected") == len(BAD)
@@ -199,14 +221,15 @@ async def test_prometheus_stores_the_sent_count(stack: Stack) -> None:
     )["data"]["result"]
     assert {r["metric"]["app_id"]: float(r["value"][1]) for r in per_app} == {
         app: SENT / len(APPS) for app in APPS
-    }  # fmt: skip
+    }
     # the gateway's own view agrees, and no secret is in any label
     text = await stack.text(f"{stack.gateway}/metrics")
     families = {f.name: f for f in text_string_to_metric_families(text)}
     gateway_sent = sum(
-        s.value for s in families["gateway_requests_finished"].samples
+        s.value
+        for s in families["gateway_requests_finished"].samples
         if s.name.endswith("_total") and s.labels["status"] == "sent"
-    )  # fmt: skip
+    )
     assert gateway_sent == SENT
     assert stack.secret not in text
 
@@ -220,8 +243,11 @@ async def test_promtool_check_metrics_accepts_the_live_scrapes(stack: Stack) -> 
 
 def exported(text: str) -> set[str]:
     """Every series name a scrape offers, with the suffixes each type gets."""
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count",
-                "_created"), "summary": ("_sum", "_count", "_created")}  # fmt: skip
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("_sum", "_count", "_created"),
+    }
     names = set()
     for family in text_string_to_metric_families(text):
         names.add(family.name)

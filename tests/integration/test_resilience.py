@@ -32,8 +32,15 @@ async def test_sigkill_three_times_during_a_drain_loses_nothing(
     broker, simulator_factory, topics, tmp_path
 ):
     sim = await simulator_factory(app_rate=10)
-    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=10, max_in_flight=64,
-                            session_timeout_s=2.0, http_port=0)  # fmt: skip
+    settings = settings_for(
+        broker.bootstrap,
+        sim.port,
+        topics,
+        app_rate=10,
+        max_in_flight=64,
+        session_timeout_s=2.0,
+        http_port=0,
+    )
     docs = requests_for([f"k{i}" for i in range(20)], 3000)
     wanted = {orjson.loads(v)["request_id"] for _, v in docs}
     await publish(broker.bootstrap, settings.requests_topic, docs)
@@ -49,6 +56,7 @@ async def test_sigkill_three_times_during_a_drain_loses_nothing(
         assert proc.wait(10) == -signal.SIGKILL
     proc = spawn(settings, log)
     try:
+
         async def all_sent() -> bool:
             return await accepted_ids(sim) >= wanted
 
@@ -66,8 +74,14 @@ async def test_sigterm_mid_drain_exits_0_commits_and_restart_sends_no_duplicates
     broker, simulator_factory, topics, tmp_path
 ):
     sim = await simulator_factory(app_rate=25)
-    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=25,
-                            shutdown_timeout_s=5.0, session_timeout_s=2.0)  # fmt: skip
+    settings = settings_for(
+        broker.bootstrap,
+        sim.port,
+        topics,
+        app_rate=25,
+        shutdown_timeout_s=5.0,
+        session_timeout_s=2.0,
+    )
     docs = requests_for([f"t{i}" for i in range(8)], 800)
     wanted = {orjson.loads(v)["request_id"] for _, v in docs}
     await publish(broker.bootstrap, settings.requests_topic, docs)
@@ -88,6 +102,7 @@ async def test_sigterm_mid_drain_exits_0_commits_and_restart_sends_no_duplicates
     assert sent_before < len(wanted)
     proc = spawn(settings, log)
     try:
+
         async def rest() -> bool:
             return await accepted_ids(sim) >= wanted
 
@@ -102,8 +117,15 @@ async def test_injected_5xx_and_a_429_burst_deliver_everything_and_the_rate_adap
     broker, simulator_factory, topics
 ):
     sim = await simulator_factory(strict=True, app_rate=100, project_rate=160, error_rate=0.1)
-    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=100, project_rate=160,
-                            backoff_base_s=0.1, backoff_max_s=2.0)  # fmt: skip
+    settings = settings_for(
+        broker.bootstrap,
+        sim.port,
+        topics,
+        app_rate=100,
+        project_rate=160,
+        backoff_base_s=0.1,
+        backoff_max_s=2.0,
+    )
     docs = requests_for([f"f{i}" for i in range(4)], 160 * 14)
     wanted = {orjson.loads(v)["request_id"] for _, v in docs}
     paces: list[float] = []
@@ -175,7 +197,7 @@ async def test_a_thousand_malformed_records_go_to_the_dlq_and_good_ones_are_sent
     for i in range(1000):
         mixed.append((b"x", bad[i]))
         if i % 5 == 0:
-            mixed.extend(good_docs[i // 5 * 2: i // 5 * 2 + 2])
+            mixed.extend(good_docs[i // 5 * 2 : i // 5 * 2 + 2])
     async with running(settings):
         await publish(broker.bootstrap, settings.requests_topic, mixed)
         dlq = await read_records(broker.bootstrap, settings.dlq_topic, 1000, 90)

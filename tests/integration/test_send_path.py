@@ -58,15 +58,26 @@ async def test_malformed_records_go_to_the_dlq_and_good_ones_are_sent(
         b'{"request_id": "x", "payload": {',
         b"\xff\xfe\xfa invalid utf-8",
         orjson.dumps({k: v for k, v in base.items() if k != "request_id"}),
-        orjson.dumps({**base, "request_id": "no-app", "payload": {**base["payload"],
-                                                                  "app_id": None}}),
-        orjson.dumps({**base, "request_id": "no-recipient",
-                      "payload": {k: v for k, v in base["payload"].items() if k != "recipient"}}),
-        orjson.dumps({**base, "request_id": "no-message",
-                      "payload": {k: v for k, v in base["payload"].items() if k != "message"}}),
+        orjson.dumps(
+            {**base, "request_id": "no-app", "payload": {**base["payload"], "app_id": None}}
+        ),
+        orjson.dumps(
+            {
+                **base,
+                "request_id": "no-recipient",
+                "payload": {k: v for k, v in base["payload"].items() if k != "recipient"},
+            }
+        ),
+        orjson.dumps(
+            {
+                **base,
+                "request_id": "no-message",
+                "payload": {k: v for k, v in base["payload"].items() if k != "message"},
+            }
+        ),
         orjson.dumps({**base, "request_id": 12345}),
         orjson.dumps({**base, "request_id": "bad-prio", "priority": "urgent"}),
-    ]  # fmt: skip
+    ]
     mixed: list[tuple[bytes | None, bytes]] = []
     for i, doc in enumerate(good):
         mixed.append(doc)

@@ -31,8 +31,9 @@ def one_partition(docs: list[dict]) -> list[tuple[bytes, bytes]]:
 
 async def test_a_throttled_app_does_not_delay_other_apps(broker, simulator_factory, topics):
     sim = await simulator_factory(strict=True, app_rate=50, app_rates={"slow": 2})
-    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=50,
-                            apps={"slow": AppSettings(rate=2)})  # fmt: skip
+    settings = settings_for(
+        broker.bootstrap, sim.port, topics, app_rate=50, apps={"slow": AppSettings(rate=2)}
+    )
     docs = [sample_request("slow", i) for i in range(50)]  # first in the partition
     docs += [sample_request(f"fast-{i % 10}", i) for i in range(500)]
     async with running(settings):
@@ -101,8 +102,10 @@ async def test_committed_offset_never_passes_an_unfinished_record(
         assert tracker.committed == 20  # not past the held record, though 80 after it are done
         await sim.post("/_sim/release")
         await wait_for(lambda: tracker.committed == 101, 10, what="commit of everything")
-    assert await committed_total(broker.bootstrap, settings.requests_topic,
-                                 settings.group_id, 1) == 101  # fmt: skip
+    assert (
+        await committed_total(broker.bootstrap, settings.requests_topic, settings.group_id, 1)
+        == 101
+    )
 
 
 async def test_backpressure_keeps_buffered_records_under_the_budget(
@@ -110,8 +113,9 @@ async def test_backpressure_keeps_buffered_records_under_the_budget(
 ):
     sim = await simulator_factory(app_rate=400, project_rate=800)
     budget = 50
-    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=400,
-                            max_buffered_records=budget)  # fmt: skip
+    settings = settings_for(
+        broker.bootstrap, sim.port, topics, app_rate=400, max_buffered_records=budget
+    )
     docs = [sample_request(f"app-{i % 4}", i) for i in range(1500)]
     peak = 0
     paused_seen = False
@@ -136,8 +140,10 @@ async def test_priority_high_before_normal_before_low_within_a_lane(
 ):
     sim = await simulator_factory(app_rate=5)
     settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=5)
-    docs = [sample_request("p", i, priority=p) for i, p in enumerate(["low"] * 3 + ["normal"] * 3
-                                                                     + ["high"] * 3)]  # fmt: skip
+    docs = [
+        sample_request("p", i, priority=p)
+        for i, p in enumerate(["low"] * 3 + ["normal"] * 3 + ["high"] * 3)
+    ]
     expected = [d["request_id"] for d in docs[6:] + docs[3:6] + docs[:3]]
     async with running(settings):
         await publish(broker.bootstrap, settings.requests_topic, one_partition(docs))
