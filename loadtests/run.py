@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -237,6 +238,8 @@ def summarize(ns: argparse.Namespace, locust_code: int, sim_stats: dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM unwinds like Ctrl-C, so the broker, simulator and gateway are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return run(parse_args(argv))
 
 

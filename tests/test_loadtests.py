@@ -134,6 +134,10 @@ def test_report_fails_a_bad_run(tmp_path: Path, rows: list[str], needle: str) ->
     assert any(needle in problem for problem in found), found
 
 
+def run_flags(values: dict[str, object]) -> list[str]:
+    return [str(part) for pair in values.items() for part in pair]
+
+
 def require_locust() -> None:
     for module in ("locust", "confluent_kafka"):
         if importlib.util.find_spec(module) is None:
@@ -147,33 +151,20 @@ def test_smoke_run_against_the_demo_stack(tmp_path: Path) -> None:
     """3 s at 20 requests/s over 2 apps and 4 callbacks/s: rate reached, zero failures."""
     require_locust()
     reports = tmp_path / "reports"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(LOADTESTS / "run.py"),
-            "--duration",
-            "3",
-            "--rate",
-            "20",
-            "--apps",
-            "2",
-            "--send-users",
-            "2",
-            "--webhook-rate",
-            "4",
-            "--result-timeout",
-            "15",
-            "--reports",
-            str(reports),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=55,
-        check=False,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "result: PASS" in proc.stdout
+    argv = [sys.executable, str(LOADTESTS / "run.py"), *run_flags({
+        "--duration": 3, "--rate": 20, "--apps": 2, "--send-users": 2, "--webhook-rate": 4,
+        "--result-timeout": 15, "--reports": reports,
+    })]  # fmt: skip
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          cwd=ROOT) as proc:  # fmt: skip
+        try:
+            stdout, stderr = proc.communicate(timeout=50)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # run.py stops its broker, simulator and gateway on SIGTERM
+            stdout, stderr = proc.communicate(timeout=40)
+            pytest.fail("no result in 50 s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "result: PASS" in stdout
     for name in ("report.html", "locust_stats.csv", "locust_failures.csv", "summary.md"):
         assert (reports / name).is_file(), name
     rows = report.read_stats(reports / "locust_stats.csv")
