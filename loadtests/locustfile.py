@@ -253,7 +253,7 @@ class ResultTracker:
         self._closed = True
         for loop in (self._loop, self._acker):
             if loop is not None:
-                loop.join()  # after its current fetch or poll: the consumer is closed below
+                loop.join()  # returns after its current fetch or poll (0.1 s at most)
         self._report_acks()
         for _ in range(len(self.pending)):
             _, started = self.pending.popitem()
