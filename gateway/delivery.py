@@ -219,6 +219,9 @@ class Delivery:
                 await self._tokens.renew(header)
             lane.put_retry(req, now)
         elif action is Action.PAUSE_APP:
+            if now - req.received_at >= self._s.max_retry_time_s:
+                await self.fail(req, decision.reason, exc)  # still refused: give up on it
+                return
             req.attempts -= 1
             if lane.paused_until <= now:
                 log.error(
@@ -226,9 +229,9 @@ class Delivery:
                     lane.app_id,
                     getattr(exc, "status", "?"),
                     decision.reason,
-                    self.app_pause_s,
+                    min(self.app_pause_s, self._s.max_retry_time_s),
                 )
-            lane.pause(now + self.app_pause_s, decision.reason)
+            lane.pause(now + min(self.app_pause_s, self._s.max_retry_time_s), decision.reason)
             lane.put_retry(req, now)
         elif action is Action.PAUSE_AUTH:
             # credentials refused even with a fresh token: hold every lane, not the DLQ

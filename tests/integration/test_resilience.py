@@ -253,3 +253,83 @@ async def test_broker_down_at_start_then_up_becomes_ready_and_drains(simulator_f
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+
+async def test_unknown_app_holds_its_lane_not_the_others_and_gives_up_after_max_retry_time(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(app_rate=50, apps={"known": "us"})
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=50, max_retry_time_s=1.0)
+    docs = [sample_request("ghost", i) for i in range(3)] + [
+        sample_request("known", i) for i in range(30)
+    ]
+    async with running(settings) as gw:
+        await publish(
+            broker.bootstrap, settings.requests_topic, [(b"k", orjson.dumps(d)) for d in docs]
+        )
+        results = await read_records(broker.bootstrap, settings.results_topic, 33, 30)
+        assert gw.lanes is not None
+        assert gw.lanes.lanes["ghost"].pause_reason == "404"
+    by_status: dict[str, set[str]] = {}
+    for r in results:
+        doc = orjson.loads(r.value)
+        by_status.setdefault(doc["status"], set()).add(doc["app_id"])
+    assert by_status == {"sent": {"known"}, "failed": {"ghost"}}
+    stats = await sim.stats()
+    assert stats["not_found_404"] <= 3 * 2  # held, not hammered
+
+
+async def test_in_doubt_timeouts_go_to_the_dlq_when_so_configured(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(latency_s=1.0)
+    settings = settings_for(
+        broker.bootstrap, sim.port, topics, request_timeout_s=0.3, retry_in_doubt=False
+    )
+    async with running(settings) as gw:
+        await publish(
+            broker.bootstrap,
+            settings.requests_topic,
+            [(b"k", orjson.dumps(sample_request("slow", 0)))],
+        )
+        dlq = await read_records(broker.bootstrap, settings.dlq_topic, 1, 30)
+        assert gw.metrics.in_doubt._value.get() == 1
+    assert dict(dlq[0].headers)["gateway.reason"] == b"in_doubt"
+
+
+async def test_refused_credentials_hold_sending_without_dead_letters(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory()
+    settings = settings_for(
+        broker.bootstrap,
+        sim.port,
+        topics,
+        key_secret="wrong-secret",
+        backoff_base_s=0.2,
+        backoff_max_s=1.0,
+    )
+    async with running(settings) as gw, aiohttp.ClientSession() as http:
+        await publish(
+            broker.bootstrap,
+            settings.requests_topic,
+            [(b"k", orjson.dumps(sample_request("a", i))) for i in range(20)],
+        )
+        url = f"http://127.0.0.1:{gw.http_port}/readyz"
+
+        async def held() -> bool:
+            assert gw.intake is not None
+            return gw.intake.buffered == 20
+
+        await wait_for(held, 20, what="the records to be read and held")
+        async with http.get(url) as resp:
+            body = await resp.json()
+            assert resp.status == 503
+        assert body["checks"]["token"]["ok"] is False
+        token_calls_before = (await sim.stats())["token_requests"]
+        await asyncio.sleep(2.0)  # a span of time: how often the token endpoint is tried in it
+        token_calls = (await sim.stats())["token_requests"] - token_calls_before
+    assert token_calls <= 6  # backed off (at most ~1/s here), not hammered
+    stats = await sim.stats()
+    assert stats["accepted_total"] == 0
+    assert await read_records(broker.bootstrap, settings.dlq_topic, 1, 2) == []
