@@ -263,6 +263,33 @@ def print_mix(mix: Mix, gw: dict[str, Any], base: dict[str, Any]) -> None:
     print(f"  429s by scope: gateway {gw['429_scopes']}, simple loop {base['429_scopes']}")
 
 
+async def aiohttp_floor(requests: int = 3000, concurrency: int = 50) -> float:
+    """CPU per request of a bare aiohttp client against the simulator: the floor."""
+    port = free_port()
+    sim = start_simulator(port, "--app-rate", "1000000", "--project-rate", "1000000")
+    try:
+        async with aiohttp.ClientSession() as http:
+            token_url = f"http://127.0.0.1:{port}/oauth2/token"
+            basic = {"Authorization": "Basic ZGVtby1rZXk6ZGVtby1zZWNyZXQ="}
+            form = {"grant_type": "client_credentials"}
+            async with http.post(token_url, data=form, headers=basic) as resp:
+                token = (await resp.json())["access_token"]
+            url = f"http://127.0.0.1:{port}/us/v1/projects/demo-project/messages:send"
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            body = orjson.dumps(sample_request("floor", 0)["payload"])
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one() -> None:
+                async with gate, http.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+
+            cpu0 = time.process_time()
+            await asyncio.gather(*(one() for _ in range(requests)))
+            return (time.process_time() - cpu0) / requests * 1e6
+    finally:
+        stop(sim)
+
+
 async def memory_run(bootstrap: str, records: int, seconds: float) -> None:
     tag = uuid.uuid4().hex[:8]
     await make_topics(bootstrap, tag)
@@ -315,6 +342,11 @@ async def main() -> None:
         print(
             "rates as in Sinch (app 20/s, project 800/s), except mix (b): app 100/s "
             "to keep the hot app's drain at 20 s; simulator in strict mode"
+        )
+        floor = await aiohttp_floor()
+        print(
+            f"floor: a bare aiohttp client against the simulator, same machine, now: "
+            f"{floor:.0f} us CPU per request"
         )
         for i, mix in enumerate(mixes(ns.scale)):
             if ns.only and ns.only not in mix.name:

@@ -108,6 +108,18 @@ class Gateway:
             {"kafka": kafka, "partitions": partitions, "token": token, "sending": sending}
         )
 
+    def _share_project_rate(self, owned: int, total: int) -> None:
+        """Several replicas share the project cap in proportion to their partitions."""
+        s = self.settings
+        if not s.share_project_rate or self.lanes is None or owned == 0:
+            return
+        bucket = self.lanes.project_bucket
+        rate = s.project_rate * owned / total
+        if rate != bucket.rate:
+            bucket.set_rate(rate)
+            if bucket.on_change is not None:
+                bucket.on_change(bucket)
+
     def _auth_refused(self, reason: str) -> None:
         if time.monotonic() >= self._auth_refused_until:
             log.error("Sinch refused the credentials (%s): sending held, retrying", reason)
@@ -210,6 +222,7 @@ class Gateway:
                 publisher=publisher,
                 sent_ids=sent_ids,
                 clock=clock,
+                on_share=self._share_project_rate,
             )
             intake_ref.append(intake)
             self.intake = intake

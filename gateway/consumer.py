@@ -69,6 +69,7 @@ class Intake:
         publisher: Publisher,
         sent_ids: RecentIds,
         clock: Callable[[], float],
+        on_share: Callable[[int, int], None] | None = None,
     ) -> None:
         self._s = settings
         self._m = metrics
@@ -77,6 +78,7 @@ class Intake:
         self._pub = publisher
         self._sent_ids = sent_ids
         self._clock = clock
+        self._on_share = on_share
         self.consumer: AIOKafkaConsumer | None = None
         self.trackers: dict[int, PartitionTracker] = {}
         self.in_progress: set[str] = set()
@@ -100,6 +102,7 @@ class Intake:
             **kafka_options(s),
             group_id=s.group_id,
             enable_auto_commit=False,
+            fetch_max_wait_ms=100,  # an idle partition must not delay a new record by 500 ms
             auto_offset_reset="earliest",
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=max(100, session_ms // 3),
@@ -322,6 +325,7 @@ class Intake:
                 await asyncio.wait_for(self._stopping.wait(), self._s.commit_interval_s)
             await self.commit()
             self._update_lag()
+            self._share()  # metadata may have been stale at assignment
 
     def _update_lag(self) -> None:
         consumer = self.consumer
@@ -360,6 +364,16 @@ class Intake:
             self._m.lag.remove(str(p))  # another member reports it now
         log.info("partitions %s revoked (%d queued records handed back)", sorted(parts), dropped)
         self.assigned = bool(self.trackers)
+        self._share()
+
+    def _share(self) -> None:
+        """Tell how many of the topic's partitions this replica owns now."""
+        consumer = self.consumer
+        if self._on_share is None or consumer is None:
+            return
+        total = len(consumer.partitions_for_topic(self._s.requests_topic) or ())
+        if total:
+            self._on_share(len(self.trackers), total)
 
     def _finished_without_commit(self, req: Request) -> None:
         self.in_progress.discard(req.request_id)
@@ -379,6 +393,7 @@ class Intake:
                     tracker.skip = decode_done(committed.offset, committed.metadata)
             self.trackers[tp.partition] = tracker
         self.assigned = bool(self.trackers)
+        self._share()
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
     @staticmethod

@@ -107,6 +107,8 @@ class Settings:
     app_rate: float = 20.0
     app_burst: float = 1.0
     rate_margin: float = 0.02
+    # each replica paces the project at project_rate x (its partitions / all partitions)
+    share_project_rate: bool = True
     apps: Mapping[str, AppSettings] = field(default_factory=dict)
     channel_rates: Mapping[str, float] = field(default_factory=dict)
     max_in_flight: int = 512

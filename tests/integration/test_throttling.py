@@ -154,3 +154,32 @@ async def test_priority_high_before_normal_before_low_within_a_lane(
     # the first record may already be on its way before the rest arrive; the others keep order
     assert order[1:] == [r for r in expected if r != order[0]]
     await asyncio.sleep(0)
+
+
+async def test_two_replicas_share_the_project_cap_by_partitions(broker, simulator_factory, topics):
+    sim = await simulator_factory(strict=True, app_rate=100, project_rate=100)
+    settings = settings_for(
+        broker.bootstrap, sim.port, topics, app_rate=100, project_rate=100, topic_partitions=2
+    )
+    docs = [sample_request(f"r{i % 8}", i) for i in range(600)]
+    async with running(settings) as first, running(settings) as second:
+        assert first.lanes is not None and second.lanes is not None
+        one, two = first.lanes.project_bucket, second.lanes.project_bucket
+
+        def halves() -> bool:
+            return one.rate == two.rate == 50
+
+        await wait_for(halves, 30, what="each replica to own one of the two partitions")
+        await publish(
+            broker.bootstrap,
+            settings.requests_topic,
+            [(str(i).encode(), orjson.dumps(d)) for i, d in enumerate(docs)],
+        )
+
+        async def drained() -> bool:
+            return (await sim.stats())["accepted_total"] >= 600
+
+        await wait_for(drained, 60, what="the backlog drained by both replicas")
+    stats = await sim.stats()
+    assert stats["rejected_429"]["total"] == 0
+    assert stats["max_accepted_per_s"]["project"] <= 100
