@@ -163,7 +163,8 @@ async def test_two_replicas_share_the_project_cap_by_partitions(broker, simulato
     )
     docs = [sample_request(f"r{i % 8}", i) for i in range(600)]
     async with running(settings) as first, running(settings) as second:
-        assert first.lanes is not None and second.lanes is not None
+        assert first.lanes is not None
+        assert second.lanes is not None
         one, two = first.lanes.project_bucket, second.lanes.project_bucket
 
         def halves() -> bool:
