@@ -68,13 +68,17 @@ class Mix:
 
 def mixes(scale: float = 1.0) -> list[Mix]:
     uniform = {f"app-{i:02d}": int(200 * scale) for i in range(40)}
-    hot = {"hot-app": 2000} | {
+    hot = {"hot-app": 500} | {
+        f"app-{i:02d}": 500 // 39 + (1 if i < 500 % 39 else 0) for i in range(39)
+    }
+    hot_scaled = {"hot-app": 2000} | {
         f"app-{i:02d}": 2000 // 39 + (1 if i < 2000 % 39 else 0) for i in range(39)
     }
     many = {f"app-{i:03d}": 40 for i in range(200)}
     return [
         Mix("(a) 40 apps uniform", uniform, 20, 800),
-        Mix("(b) hot app = half", hot, 100, 800),
+        Mix("(b) hot app = half", hot, 20, 800),
+        Mix("(b') hot app = half, app cap scaled to 100/s", hot_scaled, 100, 800),
         Mix("(c) 200 apps, project binds", many, 20, 800),
     ]
 

@@ -151,7 +151,7 @@ class Intake:
                 self._pause(True)
             try:
                 # never take more than the budget has room for (paused: returns nothing)
-                batch = await consumer.getmany(timeout_ms=200, max_records=max(1, room))
+                batch = await self._fetch(consumer, max(1, room))
                 self.connected = True
             except KafkaError as exc:
                 self.connected = False
@@ -177,6 +177,25 @@ class Intake:
                 self.buffered < budget * 0.8 and self.buffered_bytes < budget_bytes * 0.8
             ):
                 self._pause(False)
+
+    async def _fetch(self, consumer: AIOKafkaConsumer, room: int) -> dict[Any, list[Any]]:
+        """Up to ``room`` records, a share from every partition that has some.
+
+        aiokafka hands out one partition's buffer before the next one's; with keys
+        by app, a backlog would then start app by app. Taking a slice of each
+        partition in turn starts every app at once.
+        """
+        parts = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        if len(parts) > 1:
+            share = max(1, room // len(parts))
+            batch: dict[Any, list[Any]] = {}
+            for tp in parts:
+                got = await consumer.getmany(tp, timeout_ms=0, max_records=share)
+                batch.update(got)
+            if batch:
+                return batch
+        result: dict[Any, list[Any]] = await consumer.getmany(timeout_ms=200, max_records=room)
+        return result
 
     def _pause(self, pause: bool) -> None:
         consumer = self.consumer

@@ -6,12 +6,16 @@ second and again after every idle second, and one with a burst of 1 loses rate
 to timer lateness because each wait starts from the moment the previous waiter
 woke up. These buckets use GCRA (virtual scheduling): each caller *reserves* the
 next slot on a theoretical timeline that advances by exactly ``1/rate`` per
-request, so late wake-ups never accumulate into lost throughput, and at most
-``burst`` requests ever share an instant.
+request, so late wake-ups never accumulate into lost throughput. ``burst`` is
+the tolerance: a caller held up elsewhere (say in the project bucket) may catch
+up with up to ``burst - 1`` slots it missed, so that a wait in one bucket does
+not cost throughput in another.
 
-The pacing rate leaves room for the burst and for arrival jitter:
-``pace = rate * (1 - margin) - (burst - 1)``; with that, no 1-second window
-holds more than ``rate`` requests however the slots fall.
+Two things keep every window under the cap: the pace is ``rate * (1 - margin)``,
+which leaves ``margin`` seconds of every second for arrival jitter, and a window
+guard holds a send until the ``rate``-th send before it is ``1 + margin``
+seconds old, measured at the moment of sending. The guard is what catches up
+bursts, stalls of the event loop and waits in other buckets.
 
 A request takes a slot from its app bucket first (waiting its turn there), then
 from the channel bucket where one is configured, and last from the project
@@ -88,8 +92,7 @@ class Bucket:
         return 1.0 / self.interval
 
     def _recompute(self) -> None:
-        ceiling = self.rate * (1.0 - self.margin) - (self.burst - 1.0)
-        pace = max(ceiling, self.rate * 0.5) * self.factor
+        pace = self.rate * (1.0 - self.margin) * self.factor
         self.interval = 1.0 / pace
         self.tolerance = (self.burst - 1.0) * self.interval
 

@@ -105,7 +105,7 @@ class Settings:
     project_rate: float = 800.0
     project_burst: float = 8.0
     app_rate: float = 20.0
-    app_burst: float = 1.0
+    app_burst: float = 2.0
     rate_margin: float = 0.02
     # each replica paces the project at project_rate x (its partitions / all partitions)
     share_project_rate: bool = True
