@@ -167,19 +167,21 @@ def figures(
     }
 
 
-async def run_gateway(bootstrap: str, mix: Mix, seed: int) -> dict[str, Any]:
+async def backlog_and_simulator(
+    bootstrap: str, mix: Mix, seed: int
+) -> tuple[str, int, subprocess.Popen[bytes]]:
+    """Fresh topics holding the mix's backlog, and a strict simulator for it."""
     tag = uuid.uuid4().hex[:8]
     await make_topics(bootstrap, tag)
     await publish_backlog(bootstrap, f"req-{tag}", mix.counts, seed)
-    sim_port, http_port = free_port(), free_port()
-    sim = start_simulator(
-        sim_port,
-        "--strict",
-        "--app-rate",
-        str(mix.app_rate),
-        "--project-rate",
-        str(mix.project_rate),
-    )
+    sim_port = free_port()
+    rates = ("--app-rate", str(mix.app_rate), "--project-rate", str(mix.project_rate))
+    return tag, sim_port, start_simulator(sim_port, "--strict", *rates)
+
+
+async def run_gateway(bootstrap: str, mix: Mix, seed: int) -> dict[str, Any]:
+    tag, sim_port, sim = await backlog_and_simulator(bootstrap, mix, seed)
+    http_port = free_port()
     env = gateway_env(
         bootstrap, sim_port, http_port, tag, app_rate=mix.app_rate, project_rate=mix.project_rate
     )
@@ -196,18 +198,7 @@ async def run_gateway(bootstrap: str, mix: Mix, seed: int) -> dict[str, Any]:
 
 
 async def run_baseline(bootstrap: str, mix: Mix, seed: int, seconds: float) -> dict[str, Any]:
-    tag = uuid.uuid4().hex[:8]
-    await make_topics(bootstrap, tag)
-    await publish_backlog(bootstrap, f"req-{tag}", mix.counts, seed)
-    sim_port = free_port()
-    sim = start_simulator(
-        sim_port,
-        "--strict",
-        "--app-rate",
-        str(mix.app_rate),
-        "--project-rate",
-        str(mix.project_rate),
-    )
+    tag, sim_port, sim = await backlog_and_simulator(bootstrap, mix, seed)
     start_wall = time.time()
     proc = subprocess.Popen(
         [

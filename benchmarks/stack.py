@@ -15,6 +15,8 @@ from pathlib import Path
 
 import aiohttp
 
+from gateway.broker import stop_process
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -120,11 +122,4 @@ async def sim_post(
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+    return stop_process(proc, timeout)

@@ -155,7 +155,10 @@ class Delivery:
         if req.timestamp_ms:
             self._m.e2e.observe(max(0.0, time.time() - req.timestamp_ms / 1000))
         self._sent_ids.add(req.request_id)
-        if self._on_sent is not None:
+        own = req.payload.get("correlation_id")
+        if self._on_sent is not None and own and own != req.request_id:
+            # delivery reports carry the correlation_id; only a producer's own one
+            # needs the message_id -> request_id map to find the request
             self._on_sent(req.request_id, accepted.message_id)
         record = result_record(
             request_id=req.request_id,

@@ -135,7 +135,7 @@ class Settings:
     webhook_max_age_s: float = 300.0
     webhook_max_body_bytes: int = 1024 * 1024
     status_map_ttl_s: float = 7 * 24 * 3600.0
-    status_map_size: int = 1_000_000
+    status_map_size: int = 200_000
 
     # Operations
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

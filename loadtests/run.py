@@ -32,7 +32,7 @@ from typing import Any
 
 import report
 
-from gateway.broker import EmbeddedBroker, free_port
+from gateway.broker import EmbeddedBroker, free_port, stop_process
 
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
@@ -72,12 +72,7 @@ def process(argv: list[str], log: Path, env: dict[str, str]) -> Iterator[subproc
         try:
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc, 30.0)
 
 
 def wait_until(

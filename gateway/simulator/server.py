@@ -55,23 +55,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.envelope import MESSAGE_KINDS
 from gateway.simulator.callbacks import CallbackDispatcher, Stamper
 from gateway.simulator.settings import SimulatorSettings, patch
 from gateway.simulator.windows import LeakyQueue, SlidingWindow
 
-MESSAGE_TYPES: Final = frozenset(
-    {
-        "text_message",
-        "media_message",
-        "template_message",
-        "choice_message",
-        "card_message",
-        "carousel_message",
-        "location_message",
-        "contact_info_message",
-        "list_message",
-    }
-)
+MESSAGE_TYPES: Final = MESSAGE_KINDS  # SendMessageRequest's message types
 MAX_APP_LABELS: Final = 100
 MAX_DUPLICATE_IDS: Final = 100
 MAX_TOKENS: Final = 100_000

@@ -28,7 +28,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.broker import EmbeddedBroker, free_port
+from gateway.broker import EmbeddedBroker, free_port, stop_process
 from gateway.simulator import cli as sim_cli
 from gateway.simulator.settings import SimulatorSettings
 from tests.conftest import wait_for
@@ -120,15 +120,6 @@ def start_prometheus(binary: str, tmp: Path, config: str, port: int) -> subproce
             stdout=log_file,
             stderr=log_file,
         )
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def exit_report(proc: subprocess.Popen[bytes], tmp: Path) -> str:
