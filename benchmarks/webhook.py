@@ -80,7 +80,7 @@ class DonePublisher:
 async def serve(bootstrap: str) -> None:
     settings = bench_settings(bootstrap)
     await ensure_topics(settings)
-    async with Publisher(settings) as publisher:
+    async with Publisher(settings, linger_ms=1) as publisher:
         full = WebhookReceiver(settings, Metrics(CollectorRegistry()))
         full.attach(publisher)
         verify = WebhookReceiver(settings, Metrics(CollectorRegistry()))

@@ -190,7 +190,12 @@ class Gateway:
             if stop.is_set():
                 return
             stack.push_async_callback(publisher.stop)
-            receiver.attach(publisher)
+            events_publisher = Publisher(s, linger_ms=1)
+            await self._retry_kafka(events_publisher.start, stop, "start events producer")
+            if stop.is_set():
+                return
+            stack.push_async_callback(events_publisher.stop)
+            receiver.attach(events_publisher)
 
             sent_ids = RecentIds(s.dedupe_size, s.dedupe_ttl_s, clock)
             intake_ref: list[Intake] = []
