@@ -46,84 +46,24 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from gateway.envelope import MESSAGE_KINDS
 from gateway.simulator.callbacks import CallbackDispatcher, Stamper
+from gateway.simulator.collector import SimulatorMetrics
 from gateway.simulator.settings import SimulatorSettings, patch
+from gateway.simulator.validation import validate_send, violation
 from gateway.simulator.windows import LeakyQueue, SlidingWindow
 
-MESSAGE_TYPES: Final = MESSAGE_KINDS  # SendMessageRequest's message types
-MAX_APP_LABELS: Final = 100
 MAX_DUPLICATE_IDS: Final = 100
 MAX_TOKENS: Final = 100_000
 _JSON: Final = "application/json"
 _JSON_HEADERS: Final = {"Content-Type": _JSON}
 _EXPIRED: Final = {"www-authenticate": 'Bearer error="invalid_token", error_description="expired"'}
 _INVALID: Final = {"www-authenticate": 'Bearer error="invalid_token"'}
-
-
-class _Metrics(Collector):
-    """The simulator's Prometheus metrics, on its own registry.
-
-    The hot path only increments plain ints; they become counter families at scrape
-    time, so a send takes no lock. The values are monotonic (``/_sim/reset`` leaves
-    them alone).
-    """
-
-    def __init__(self, registry: CollectorRegistry, callbacks: Mapping[str, int]) -> None:
-        self.registry = registry
-        self.requests: dict[tuple[str, int], int] = {}
-        self.accepted: dict[str, int] = {}
-        self.tokens = 0
-        self._callbacks = callbacks
-        self._labelled: set[str] = set()
-        registry.register(self)
-
-    def request(self, endpoint: str, code: int) -> None:
-        key = (endpoint, code)
-        self.requests[key] = self.requests.get(key, 0) + 1
-
-    def app_label(self, app_id: str) -> str:
-        """``app_id`` for the first 100 apps seen, then ``other``."""
-        if app_id in self._labelled:
-            return app_id
-        if len(self._labelled) < MAX_APP_LABELS:
-            self._labelled.add(app_id)
-            return app_id
-        return "other"
-
-    def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "sinch_sim_requests", "Requests answered by the simulator.", labels=["endpoint", "code"]
-        )
-        for (endpoint, code), n in sorted(self.requests.items()):
-            requests.add_metric([endpoint, str(code)], n)
-        accepted = CounterMetricFamily(
-            "sinch_sim_accepted",
-            "Sends accepted, by app (100 apps, then other).",
-            labels=["app_id"],
-        )
-        for app_id, n in sorted(self.accepted.items()):
-            accepted.add_metric([app_id], n)
-        callbacks = CounterMetricFamily(
-            "sinch_sim_callbacks", "Callback posts by result.", labels=["result"]
-        )
-        for result, n in sorted(self._callbacks.items()):
-            callbacks.add_metric([result], n)
-        yield requests
-        yield accepted
-        yield CounterMetricFamily(
-            "sinch_sim_token_requests", "Calls to /oauth2/token.", value=self.tokens
-        )
-        yield callbacks
 
 
 class _AppState:
@@ -145,7 +85,7 @@ class Simulator:
         self.rng = random.Random(settings.seed)  # noqa: S311 - simulation, not crypto
         self.stamper = Stamper(self.rng)
         self.callbacks = CallbackDispatcher(settings, self.rng, self.stamper)
-        self.metrics = _Metrics(registry, self.callbacks.totals)
+        self.metrics = SimulatorMetrics(registry, self.callbacks.totals)
         self.tokens: dict[str, float] = {}
         self.token_requests = 0
         self._hold_all = False
@@ -283,7 +223,7 @@ class Simulator:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
-            return self._bad_request([_violation("", "Invalid JSON payload received.")])
+            return self._bad_request([violation("", "Invalid JSON payload received.")])
         violations = validate_send(body)
         if violations:
             return self._bad_request(violations)
@@ -520,67 +460,6 @@ class Simulator:
             body=generate_latest(self.metrics.registry),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
-
-
-def _violation(field: str, description: str) -> dict[str, str]:
-    return {"field": field, "description": description}
-
-
-def validate_send(body: object) -> list[dict[str, str]]:
-    """Field violations of a SendMessageRequest; empty when it is acceptable."""
-    if not isinstance(body, dict):
-        return [_violation("", "The request body must be a JSON object.")]
-    out: list[dict[str, str]] = []
-    app_id = body.get("app_id")
-    if not isinstance(app_id, str) or not app_id:
-        out.append(_violation("app_id", "app_id is required and must be a string."))
-    recipient = body.get("recipient")
-    if not isinstance(recipient, dict):
-        out.append(_violation("recipient", "recipient is required and must be an object."))
-    elif "contact_id" in recipient and "identified_by" in recipient:
-        out.append(_violation("recipient", "Set contact_id or identified_by, not both."))
-    elif "contact_id" in recipient:
-        if not isinstance(recipient["contact_id"], str) or not recipient["contact_id"]:
-            out.append(_violation("recipient.contact_id", "contact_id must be a string."))
-    else:
-        identified = recipient.get("identified_by")
-        ids = identified.get("channel_identities") if isinstance(identified, dict) else None
-        if not isinstance(ids, list) or not ids:
-            out.append(
-                _violation(
-                    "recipient.identified_by.channel_identities",
-                    "Set recipient.contact_id or a non-empty channel_identities list.",
-                )
-            )
-        else:
-            for i, entry in enumerate(ids):
-                is_dict = isinstance(entry, dict)
-                channel = entry.get("channel") if is_dict else None
-                identity = entry.get("identity") if is_dict else None
-                if not (
-                    channel and identity and isinstance(channel, str) and isinstance(identity, str)
-                ):
-                    out.append(
-                        _violation(
-                            f"recipient.identified_by.channel_identities[{i}]",
-                            "Each channel identity needs string channel and identity.",
-                        )
-                    )
-    message = body.get("message")
-    if not isinstance(message, dict):
-        out.append(_violation("message", "message is required and must be an object."))
-    else:
-        kinds = MESSAGE_TYPES.intersection(message)
-        if len(kinds) != 1:
-            out.append(_violation("message", "Exactly one message type must be set."))
-        else:
-            (kind,) = kinds
-            content = message[kind]
-            if not isinstance(content, dict):
-                out.append(_violation(f"message.{kind}", f"{kind} must be an object."))
-            elif kind == "text_message" and not isinstance(content.get("text"), str):
-                out.append(_violation("message.text_message.text", "text must be a string."))
-    return out
 
 
 def _json(payload: object, status: int = 200) -> web.Response:
