@@ -20,6 +20,7 @@ import gc
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
 
 import aiohttp
@@ -64,6 +65,7 @@ class Gateway:
         self.metrics = Metrics(self.registry, max_app_labels=settings.max_app_labels)
         self.http_port: int | None = None
         self.webhook_port: int | None = None
+        self._background: set[asyncio.Future[None]] = set()
         self.ready = asyncio.Event()
         self.started = asyncio.Event()
         self.intake: Intake | None = None
@@ -215,7 +217,7 @@ class Gateway:
                 on_auth_refused=self._auth_refused,
                 on_sent=receiver.record_sent,
             )
-            lanes = self._make_lanes(delivery, clock)
+            lanes = self._make_lanes(delivery)
             self.lanes = lanes
             adaptive = AdaptiveRates(lanes.project_bucket, clock)
             delivery.feedback = adaptive
@@ -274,7 +276,7 @@ class Gateway:
             await publisher.flush()
             log.info("gateway stopped")
 
-    def _make_lanes(self, delivery: Delivery, clock: asyncio.AbstractEventLoop | object) -> Lanes:
+    def _make_lanes(self, delivery: Delivery) -> Lanes:
         s = self.settings
         m = self.metrics
         loop_clock = asyncio.get_running_loop().time
@@ -312,8 +314,6 @@ class Gateway:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-        self._background: set[asyncio.Future[None]] = set()
-
         async def send(req: Request, lane: Lane) -> None:
             with logs.context(request_id=req.request_id, app_id=req.app_id):
                 await delivery.attempt(req, lane)
@@ -333,12 +333,14 @@ class Gateway:
             gate=delivery.gate,
         )
 
-    async def _retry_kafka(self, start: object, stop: asyncio.Event, what: str) -> None:
+    async def _retry_kafka(
+        self, start: Callable[[], Awaitable[None]], stop: asyncio.Event, what: str
+    ) -> None:
         """Call ``start()`` until it succeeds or ``stop`` is set; back off between tries."""
         attempt = 0
         while not stop.is_set():
             try:
-                await start()  # type: ignore[operator]
+                await start()
                 return
             except (KafkaError, OSError) as exc:
                 attempt += 1
