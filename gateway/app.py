@@ -136,7 +136,7 @@ class Gateway:
         clock = loop.time
         m = self.metrics
         async with AsyncExitStack() as stack:
-            receiver = WebhookReceiver(s, m)
+            receiver = WebhookReceiver(s, m, publish_timeout_s=s.webhook_publish_timeout_s)
             health = self._health()
             admin = make_admin_app(self.registry, health)
             if s.webhook_port is None:

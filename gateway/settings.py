@@ -134,6 +134,7 @@ class Settings:
     webhook_secret_previous: Secret | None = None
     webhook_max_age_s: float = 300.0
     webhook_max_body_bytes: int = 1024 * 1024
+    webhook_publish_timeout_s: float = 10.0
     status_map_ttl_s: float = 7 * 24 * 3600.0
     status_map_size: int = 200_000
 
@@ -168,6 +169,7 @@ class Settings:
             "shutdown_timeout_s",
             "webhook_max_age_s",
             "webhook_max_body_bytes",
+            "webhook_publish_timeout_s",
             "status_map_ttl_s",
             "status_map_size",
             "max_app_labels",
