@@ -289,8 +289,14 @@ class Intake:
             ),
             await self._pub.send(s.results_topic, result, key=record.key),
         ]
-        for fut in futs:
-            await fut
+        acks = await asyncio.gather(*futs, return_exceptions=True)
+        if any(isinstance(a, BaseException) for a in acks):
+            log.error(
+                "partition %d offset %d: DLQ record not written; not committed",
+                record.partition,
+                record.offset,
+            )
+            return
         tracker.done(record.offset)
         self.buffered -= 1
         self.buffered_bytes -= len(record.value) if record.value else 0

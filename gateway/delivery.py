@@ -299,7 +299,17 @@ class Delivery:
         for topic, value, headers, key in records:
             key = key if key is not None else req.request_id.encode()
             futures.append(await self._pub.send(topic, value, key=key, headers=headers))
-        for fut in futures:
-            await fut  # a produce error leaves the record unfinished: never committed
+        acks = await asyncio.gather(*futures, return_exceptions=True)
+        failed = next((a for a in acks if isinstance(a, BaseException)), None)
+        if failed is not None:
+            # the record stays unfinished, so its offset is never committed: after a
+            # restart or rebalance it is read and sent again (at-least-once)
+            log.error(
+                "request_id=%s: Kafka did not take its %s record (%s); not committed",
+                req.request_id,
+                status.value,
+                type(failed).__name__,
+            )
+            return
         self._m.outcomes.labels(self._m.app_label(req.app_id), status.value).inc()
         self._on_finished(req)
