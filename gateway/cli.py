@@ -72,6 +72,7 @@ async def _simulate(ns: argparse.Namespace) -> int:
 
 async def _send(ns: argparse.Namespace) -> int:
     from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
     from aiolimiter import AsyncLimiter
 
     from gateway.producer import kafka_options
@@ -79,7 +80,12 @@ async def _send(ns: argparse.Namespace) -> int:
     settings = load(ns.config)
     apps = [a for a in ns.apps.split(",") if a]
     producer = AIOKafkaProducer(**kafka_options(settings), acks="all", linger_ms=5)
-    await producer.start()
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        print(f"gateway send: Kafka at {settings.kafka_bootstrap} refused: {exc}", file=sys.stderr)
+        return 1
     # Publishing pace only: bursts do not matter here, so aiolimiter's bucket fits.
     limiter = AsyncLimiter(ns.rate, 1.0) if ns.rate else None
     try:
