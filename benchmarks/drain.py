@@ -253,12 +253,13 @@ def print_mix(mix: Mix, gw: dict[str, Any], base: dict[str, Any]) -> None:
 
 
 async def aiohttp_floor(
-    rate: float = 800, seconds: float = 6, concurrency: int = 50
-) -> tuple[float, float]:
+    bootstrap: str, rate: float = 800, seconds: float = 6, concurrency: int = 50
+) -> tuple[float, float, float]:
     """CPU per request of a bare aiohttp client against the simulator: the floor.
 
-    Returns (paced at ``rate``, unpaced with ``concurrency`` requests in flight). Pacing
-    costs CPU by itself: every send is a turn of the event loop of its own.
+    Returns (paced at ``rate``, unpaced with ``concurrency`` requests in flight, paced and
+    each answer followed by the two Kafka records the gateway writes). Pacing costs CPU by
+    itself: every send is a turn of the event loop of its own.
     """
     port = free_port()
     sim = start_simulator(port, "--app-rate", "1000000", "--project-rate", "1000000")
@@ -298,7 +299,35 @@ async def aiohttp_floor(
 
             cpu0 = time.process_time()
             await asyncio.gather(*(gated() for _ in range(count)))
-            return paced, (time.process_time() - cpu0) / count * 1e6
+            unpaced = (time.process_time() - cpu0) / count * 1e6
+
+            # the same paced POSTs, each followed by the two records the gateway writes
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=25)
+            await producer.start()
+            try:
+
+                async def with_records() -> None:
+                    async with http.post(url, data=body, headers=headers) as resp:
+                        out = await resp.read()
+                    acks = [
+                        await producer.send("floor-results", out, key=b"k"),
+                        await producer.send("floor-status", out, key=b"k"),
+                    ]
+                    await asyncio.gather(*acks)
+
+                cpu0, t0 = time.process_time(), loop.time()
+                for i in range(count):
+                    delay = t0 + i / rate - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    task = asyncio.create_task(with_records())
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*tasks)
+                pipeline = (time.process_time() - cpu0) / count * 1e6
+            finally:
+                await producer.stop()
+            return paced, unpaced, pipeline
     finally:
         stop(sim)
 
@@ -356,10 +385,11 @@ async def main() -> None:
             "rates as in Sinch (app 20/s, project 800/s); mix (b') scales the app cap to "
             "100/s; simulator in strict mode"
         )
-        paced, unpaced = await aiohttp_floor()
+        paced, unpaced, pipeline = await aiohttp_floor(broker.bootstrap)
         print(
-            "floor: a bare aiohttp client posting to the simulator, same machine, now: "
-            f"{paced:.0f} us CPU per request paced at 800/s, {unpaced:.0f} us unpaced"
+            "floor (same machine, now): a bare aiohttp client posting to the simulator uses "
+            f"{paced:.0f} us CPU per request paced at 800/s ({unpaced:.0f} us unpaced); "
+            f"with the two Kafka records per answer, {pipeline:.0f} us"
         )
         for i, mix in enumerate(mixes(ns.scale)):
             if ns.only and ns.only not in mix.name:
