@@ -184,3 +184,22 @@ async def test_two_replicas_share_the_project_cap_by_partitions(broker, simulato
     stats = await sim.stats()
     assert stats["rejected_429"]["total"] == 0
     assert stats["max_accepted_per_s"]["project"] <= 100
+
+
+async def test_a_channel_bucket_caps_every_app_on_that_channel(broker, simulator_factory, topics):
+    sim = await simulator_factory(app_rate=100)
+    settings = settings_for(
+        broker.bootstrap, sim.port, topics, app_rate=100, channel_rates={"SMS": 10.0}
+    )
+    docs = [sample_request(f"c{i % 3}", i) for i in range(30)]  # all SMS, three apps
+    async with running(settings):
+        await publish(broker.bootstrap, settings.requests_topic, one_partition(docs))
+
+        async def all_sent() -> bool:
+            return (await sim.stats())["accepted_total"] >= 30
+
+        await wait_for(all_sent, 30, what="the 30 SMS")
+    times = sorted(ts(a["accepted_time"]) for a in await sim.accepted())
+    in_any_second = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert in_any_second <= 10  # the three apps together, not 3 x 100/s
+    assert times[-1] - times[0] >= 2.5  # 30 at 10/s
