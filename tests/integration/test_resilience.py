@@ -333,3 +333,35 @@ async def test_refused_credentials_hold_sending_without_dead_letters(
     stats = await sim.stats()
     assert stats["accepted_total"] == 0
     assert await read_records(broker.bootstrap, settings.dlq_topic, 1, 2) == []
+
+
+async def test_expired_requests_are_not_sent_and_duplicates_are_sent_once(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(app_rate=50)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=50)
+    late = {**sample_request("e", 0), "expire_at": "2020-01-01T00:00:00Z"}
+    timely = {**sample_request("e", 1), "expire_at": "2999-01-01T00:00:00Z"}
+    twice = sample_request("e", 2)
+    docs = [late, timely, twice, twice]
+    async with running(settings):
+        await publish(
+            broker.bootstrap, settings.requests_topic, [(b"k", orjson.dumps(d)) for d in docs]
+        )
+        results = await read_records(broker.bootstrap, settings.results_topic, 3, 30)
+
+        async def counted() -> bool:
+            return (await sim.stats())["accepted_total"] >= 2
+
+        await wait_for(counted, 10, what="two accepted sends")
+    statuses = {
+        orjson.loads(r.value)["request_id"]: orjson.loads(r.value)["status"] for r in results
+    }
+    assert statuses == {
+        late["request_id"]: "expired",
+        timely["request_id"]: "sent",
+        twice["request_id"]: "sent",
+    }
+    assert sorted(a["correlation_id"] for a in await sim.accepted()) == sorted(
+        [timely["request_id"], twice["request_id"]]
+    )
