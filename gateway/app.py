@@ -1,10 +1,12 @@
 """Composition root: builds every part of the gateway, runs it, shuts it down.
 
 Startup order:
-  admin server (``/healthz`` answers at once, ``/readyz`` says why not yet)
-  → topics (if ``create_topics``) → Sinch and auth HTTP sessions → token
-  manager → producer → consumer (retried with back-off while Kafka is down)
-  → lanes → intake loop and commit loop.
+  admin server and webhook (``/healthz`` answers at once, ``/readyz`` says why
+  not yet, the webhook answers 503 until it can publish) → topics (if
+  ``create_topics``) → Sinch and auth HTTP sessions → token manager and its
+  keeper → results producer, events producer (each retried with back-off while
+  Kafka is down) → delivery, lanes, adaptive rates → consumer → intake loop,
+  commit loop, adaptive recovery.
 
 Shutdown order (SIGTERM/SIGINT only set the stop event):
   not ready → stop fetching → stop lane workers → let in-flight sends finish
@@ -66,7 +68,6 @@ class Gateway:
         self.http_port: int | None = None
         self.webhook_port: int | None = None
         self._background: set[asyncio.Future[None]] = set()
-        self.ready = asyncio.Event()
         self.started = asyncio.Event()
         self.intake: Intake | None = None
         self.lanes: Lanes | None = None
