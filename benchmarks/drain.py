@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,6 +253,22 @@ def print_mix(mix: Mix, gw: dict[str, Any], base: dict[str, Any]) -> None:
     print(f"  429s by scope: gateway {gw['429_scopes']}, simple loop {base['429_scopes']}")
 
 
+async def cpu_per_call_paced(call: Callable[[], Awaitable[None]], count: int, rate: float) -> float:
+    """Start ``call`` ``count`` times evenly at ``rate``; CPU microseconds per call."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    cpu0, t0 = time.process_time(), loop.time()
+    for i in range(count):
+        delay = t0 + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(call())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+    return (time.process_time() - cpu0) / count * 1e6
+
+
 async def aiohttp_floor(
     bootstrap: str, rate: float = 800, seconds: float = 6, concurrency: int = 50
 ) -> tuple[float, float, float]:
@@ -278,19 +295,8 @@ async def aiohttp_floor(
                 async with http.post(url, data=body, headers=headers) as resp:
                     await resp.read()
 
-            loop = asyncio.get_running_loop()
             count = int(rate * seconds)
-            tasks: set[asyncio.Task[None]] = set()
-            cpu0, t0 = time.process_time(), loop.time()
-            for i in range(count):
-                delay = t0 + i / rate - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.create_task(one())
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-            paced = (time.process_time() - cpu0) / count * 1e6
+            paced = await cpu_per_call_paced(one, count, rate)
             gate = asyncio.Semaphore(concurrency)
 
             async def gated() -> None:
@@ -315,16 +321,7 @@ async def aiohttp_floor(
                     ]
                     await asyncio.gather(*acks)
 
-                cpu0, t0 = time.process_time(), loop.time()
-                for i in range(count):
-                    delay = t0 + i / rate - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    task = asyncio.create_task(with_records())
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                await asyncio.gather(*tasks)
-                pipeline = (time.process_time() - cpu0) / count * 1e6
+                pipeline = await cpu_per_call_paced(with_records, count, rate)
             finally:
                 await producer.stop()
             return paced, unpaced, pipeline
