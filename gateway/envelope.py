@@ -4,12 +4,15 @@
 :class:`InvalidMessage` with a short machine-readable reason; nothing here does
 I/O. The payload is Sinch's SendMessageRequest and is passed through unchanged,
 except for the fields the gateway owns (``correlation_id`` when empty,
-``queue`` for high priority, ``ttl`` from ``expire_at``).
+``queue`` for high priority, ``ttl`` from ``expire_at``) and Sinch's field
+limits (``ttl`` at least 3 s, ``correlation_id`` at most 128 characters).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +36,10 @@ MESSAGE_KINDS = frozenset(
     }
 )
 MAX_REQUEST_ID = 256
+MAX_CORRELATION_ID = 128  # Sinch's limit on SendMessageRequest.correlation_id
+MIN_TTL_S = 3  # Sinch's minimum SendMessageRequest.ttl
+DIGEST_PREFIX = "gw:"
+_TTL = re.compile(r"(\d+(?:\.\d+)?)s?")
 
 
 class Priority(enum.IntEnum):
@@ -80,18 +87,66 @@ class Request:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def body(self, now: float) -> bytes:
-        """The SendMessageRequest to POST, with the gateway-owned fields filled in."""
+        """The SendMessageRequest to POST, with the gateway-owned fields filled in.
+
+        ``correlation_id`` is :func:`correlation_for` (at most 128 characters).
+        ``ttl`` is never below Sinch's minimum of 3 s: from ``expire_at`` it is
+        the whole seconds left, and "3s" when less than 3 s are left (the
+        message may then live up to 3 s past ``expire_at``; not sending a
+        request whose ``expire_at`` has passed is the lanes' job, not this
+        method's). A producer's own ``ttl`` below 3 s is raised to "3s"; one
+        that is not a number of seconds is passed on for Sinch to judge.
+        """
         payload = self.payload
         changes: dict[str, Any] = {}
-        if not payload.get("correlation_id"):
-            changes["correlation_id"] = self.request_id
+        own = payload.get("correlation_id")
+        correlation = correlation_for(self.request_id, own if isinstance(own, str) else None)
+        if correlation != own:
+            changes["correlation_id"] = correlation
         if self.priority is Priority.HIGH and "queue" not in payload:
             changes["queue"] = "HIGH_PRIORITY"
-        if self.expire_at is not None and "ttl" not in payload:
-            changes["ttl"] = f"{max(1, int(self.expire_at - now))}s"
+        if "ttl" in payload:
+            if _ttl_seconds(payload["ttl"]) < MIN_TTL_S:
+                changes["ttl"] = f"{MIN_TTL_S}s"
+        elif self.expire_at is not None:
+            changes["ttl"] = f"{max(MIN_TTL_S, int(self.expire_at - now))}s"
         if changes:
             payload = {**payload, **changes}
         return orjson.dumps(payload)
+
+
+def correlation_for(request_id: str, own: str | None) -> str:
+    """The ``correlation_id`` to send: at most 128 characters, stable per input.
+
+    A producer's own non-empty correlation id is kept (``decode`` rejects one
+    longer than 128). Otherwise the ``request_id`` is used as it is when it
+    fits, so delivery reports name the request directly; a longer one becomes
+    ``"gw:" + blake2b(request_id, 16 bytes).hex()`` (35 characters). A digest
+    cannot be turned back into a request_id: reports for such a request are
+    matched through the message_id -> request_id map, as for an own id.
+    """
+    if own:
+        return own if len(own) <= MAX_CORRELATION_ID else _digest(own)
+    if len(request_id) <= MAX_CORRELATION_ID:
+        return request_id
+    return _digest(request_id)
+
+
+def _digest(value: str) -> str:
+    return DIGEST_PREFIX + hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
+
+
+def _ttl_seconds(value: Any) -> float:
+    """A payload ``ttl`` ("10s", "2.5s", "10" or a number) in seconds; inf if unparseable."""
+    if isinstance(value, bool):
+        return float("inf")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _TTL.fullmatch(value.strip())
+        if match:
+            return float(match.group(1))
+    return float("inf")
 
 
 def _rfc3339(key: str, value: Any) -> float:
@@ -150,6 +205,11 @@ def decode(value: bytes | None, *, max_bytes: int) -> Request:
     if "recipient" not in payload:
         raise InvalidMessage("missing_field", "payload.recipient")
     channel = _recipient_channel(payload["recipient"])
+    correlation = payload.get("correlation_id")
+    if correlation is not None and not isinstance(correlation, str):
+        raise InvalidMessage("bad_field", "payload.correlation_id must be a string")
+    if correlation is not None and len(correlation) > MAX_CORRELATION_ID:
+        raise InvalidMessage("bad_field", "payload.correlation_id longer than 128")
     message = payload.get("message")
     if not isinstance(message, dict):
         raise InvalidMessage("missing_field" if message is None else "bad_field", "payload.message")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.envelope import Priority, decode
+from gateway.envelope import MAX_CORRELATION_ID, Priority, correlation_for, decode
 from gateway.errors import InvalidMessage
 
 GOOD = {
@@ -80,3 +80,55 @@ def test_body_fills_gateway_owned_fields_only_when_absent():
     assert body["correlation_id"] == "mine"
     assert body["queue"] == "NORMAL_PRIORITY"
     assert "ttl" not in body
+
+
+@pytest.mark.parametrize(("left_s", "ttl"), [(90.7, "90s"), (3.0, "3s"), (2.5, "3s"), (1.0, "3s")])
+def test_ttl_from_expire_at_is_never_below_three_seconds(left_s, ttl):
+    req = decode(with_(expire_at="2030-01-01T00:00:00Z"), max_bytes=10_000)
+    assert req.expire_at is not None
+    assert orjson.loads(req.body(now=req.expire_at - left_s))["ttl"] == ttl
+
+
+@pytest.mark.parametrize(
+    ("own", "sent"),
+    [("2s", "3s"), ("0.5s", "3s"), (1, "3s"), ("2", "3s"), ("3s", "3s"), ("60s", "60s")],
+)
+def test_a_producer_ttl_below_three_seconds_is_raised(own, sent):
+    req = decode(with_(payload__ttl=own, expire_at="2030-01-01T00:00:00Z"), max_bytes=10_000)
+    assert orjson.loads(req.body(now=0))["ttl"] == sent
+    assert req.payload["ttl"] == own  # the decoded payload itself is left alone
+
+
+def test_a_long_request_id_gets_a_short_stable_correlation_id():
+    long_id = "r" * 200
+    first = orjson.loads(decode(with_(request_id=long_id), max_bytes=10_000).body(now=0))
+    again = orjson.loads(decode(with_(request_id=long_id), max_bytes=10_000).body(now=0))
+    other = orjson.loads(decode(with_(request_id="s" * 200), max_bytes=10_000).body(now=0))
+    assert len(first["correlation_id"]) <= MAX_CORRELATION_ID
+    assert first["correlation_id"].startswith("gw:")
+    assert first["correlation_id"] == again["correlation_id"] != other["correlation_id"]
+
+
+@pytest.mark.parametrize(
+    ("request_id", "own", "expected"),
+    [
+        ("r1", None, "r1"),
+        ("x" * 128, None, "x" * 128),
+        ("r1", "mine", "mine"),
+        ("x" * 200, "mine", "mine"),
+        ("r1", "", "r1"),
+    ],
+)
+def test_correlation_for_keeps_what_fits(request_id, own, expected):
+    assert correlation_for(request_id, own) == expected
+    assert len(correlation_for("x" * 129, None)) <= MAX_CORRELATION_ID
+
+
+def test_own_correlation_id_longer_than_128_is_rejected():
+    assert decode(with_(payload__correlation_id="c" * 128), max_bytes=10_000)
+    with pytest.raises(InvalidMessage) as info:
+        decode(with_(payload__correlation_id="c" * 129), max_bytes=10_000)
+    assert info.value.reason == "bad_field"
+    assert "correlation_id" in info.value.detail
+    with pytest.raises(InvalidMessage):
+        decode(with_(payload__correlation_id=12), max_bytes=10_000)
