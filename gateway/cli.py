@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -15,7 +17,7 @@ import orjson
 
 from gateway import __version__, logs
 from gateway.errors import ConfigError
-from gateway.settings import load
+from gateway.settings import ENV_PREFIX, Secret, Settings, load
 
 log = logging.getLogger("gateway")
 
@@ -46,8 +48,9 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 async def _run(ns: argparse.Namespace) -> int:
     from gateway.app import Gateway
 
-    settings = load(ns.config)
-    settings.require_credentials()
+    # Until the settings are read, so that load()'s warnings are formatted too.
+    logs.setup("INFO", ns.log_format or os.environ.get(f"{ENV_PREFIX}LOG_FORMAT", "json").lower())
+    settings = load(ns.config, require_credentials=True)
     logs.setup(settings.log_level, ns.log_format or settings.log_format)
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -112,33 +115,135 @@ async def _demo(ns: argparse.Namespace) -> int:
     )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help (unless the help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _RunHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults, and the description and epilog laid out as written."""
+
+
+RUN_DESCRIPTION = f"""\
+Run the gateway: drain send requests from Kafka to the Sinch Conversation API,
+publish every outcome, receive Sinch's callbacks.
+
+Configuration comes from a TOML file (--config, else the file named by
+{ENV_PREFIX}CONFIG) and {ENV_PREFIX}* environment variables, which override it:
+{ENV_PREFIX} + the key in upper case ({ENV_PREFIX}KAFKA_BOOTSTRAP, {ENV_PREFIX}PROJECT_ID,
+{ENV_PREFIX}KEY_ID, {ENV_PREFIX}KEY_SECRET, ...). {ENV_PREFIX}<KEY>_FILE reads a value from
+a file (Kubernetes secrets). Per-app overrides ([apps.ID]) are TOML only. Every
+missing or bad key is listed, one per line, and the exit code is 2.
+"""
+
+
+def _settings_epilog() -> str:
+    """Every environment variable with its default, from the Settings fields."""
+    lines = ["environment variables (default):"]
+    for f in dataclasses.fields(Settings):
+        if f.default is not dataclasses.MISSING:
+            default: object = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:  # pragma: no cover - every field has a default
+            default = None
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        if isinstance(default, Secret) or default in (None, {}):
+            shown = "unset"
+        lines.append(f"  {ENV_PREFIX}{f.name.upper()} ({shown})")
+    return "\n".join(lines)
+
+
+def _show_simulator_defaults(parser: argparse.ArgumentParser) -> None:
+    """Name the real default of the simulator flags whose help does not say it.
+
+    Those flags default to None ("keep the SimulatorSettings default").
+    """
+    from gateway.simulator.settings import SimulatorSettings
+
+    defaults = SimulatorSettings()
+    for action in parser._actions:
+        text = action.help or ""
+        if not action.option_strings or action.help == argparse.SUPPRESS or "(default" in text:
+            continue
+        value = getattr(defaults, action.dest, None)
+        shown = "none" if value in (None, {}) else str(value)
+        action.help = f"{text or action.dest.replace('_', ' ')} (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the gateway service")
-    run.add_argument("--config", help="TOML file (default: $GATEWAY_CONFIG)")
-    run.add_argument("--log-format", choices=["json", "text"])
+    run = sub.add_parser(
+        "run",
+        help="run the gateway service",
+        description=RUN_DESCRIPTION,
+        epilog=_settings_epilog(),
+        formatter_class=_RunHelpFormatter,
+    )
+    run.add_argument(
+        "--config",
+        help=f"TOML file (default: the file named by ${ENV_PREFIX}CONFIG, else none)",
+    )
+    run.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        help="log line format (default: the log_format setting, json unless set)",
+    )
 
-    simulate = sub.add_parser("simulate", help="run the Sinch simulator")
+    simulate = sub.add_parser(
+        "simulate",
+        help="run the Sinch simulator",
+        description="The Sinch simulator: OAuth2 token endpoint and messages:send with "
+        "Sinch's limits, error bodies and signed callbacks.",
+        formatter_class=_HelpFormatter,
+    )
     from gateway.simulator import cli as sim_cli
 
     sim_cli.add_arguments(simulate)
+    _show_simulator_defaults(simulate)
 
-    send = sub.add_parser("send", help="publish test send requests to Kafka")
-    send.add_argument("--config")
-    send.add_argument("--count", type=int, default=10)
-    send.add_argument("--apps", default="demo-app-1")
+    send = sub.add_parser(
+        "send",
+        help="publish test send requests to Kafka",
+        description="Publish test send requests to the requests topic of the configured "
+        f"Kafka (same TOML file and {ENV_PREFIX}* variables as run).",
+        formatter_class=_HelpFormatter,
+    )
+    send.add_argument(
+        "--config",
+        help=f"TOML file (default: the file named by ${ENV_PREFIX}CONFIG, else none)",
+    )
+    send.add_argument("--count", type=int, default=10, help="requests to publish")
+    send.add_argument("--apps", default="demo-app-1", help="comma-separated app ids, taken in turn")
     send.add_argument("--rate", type=float, default=0.0, help="records per second (0: no limit)")
-    send.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
-    send.add_argument("--text")
+    send.add_argument(
+        "--priority", choices=["high", "normal", "low"], default="normal", help="envelope priority"
+    )
+    send.add_argument("--text", help='message text (default: "Hello #<n> from sinch-gateway")')
 
-    demo = sub.add_parser("demo", help="broker, simulator and gateway on this machine")
-    demo.add_argument("--messages", type=int, default=600)
-    demo.add_argument("--apps", type=int, default=6)
-    demo.add_argument("--app-rate", type=float, default=20.0)
-    demo.add_argument("--project-rate", type=float, default=800.0)
+    demo = sub.add_parser(
+        "demo",
+        help="broker, simulator and gateway on this machine",
+        description="An embedded Kafka broker, the simulator and the gateway on 127.0.0.1; "
+        "publishes messages, drains them and prints a summary.",
+        formatter_class=_HelpFormatter,
+    )
+    demo.add_argument("--messages", type=int, default=600, help="messages to send")
+    demo.add_argument("--apps", type=int, default=6, help="apps the messages are spread over")
+    demo.add_argument(
+        "--app-rate", type=float, default=20.0, help="per-app rate, messages per second"
+    )
+    demo.add_argument(
+        "--project-rate", type=float, default=800.0, help="project cap, messages per second"
+    )
     return parser
 
 
@@ -151,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(coro)
     except ConfigError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
+        for problem in getattr(exc, "problems", None) or [exc]:
+            print(f"gateway: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

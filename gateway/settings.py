@@ -1,23 +1,34 @@
 """Configuration: one TOML file plus ``GATEWAY_*`` environment variables.
 
-Every value is parsed once, at startup, into frozen dataclasses. A bad value
-raises :class:`ConfigError` naming the key (``GATEWAY_APP_RATE`` or the TOML
-key) and what was expected; the CLI turns that into one line and exit code 2.
+Every value is parsed once, at startup, into frozen dataclasses. One load
+checks everything and raises one :class:`ConfigProblems` listing every missing
+or bad key, each with its environment variable (``GATEWAY_APP_RATE (app_rate):
+expected ...``); the CLI prints one line per problem and exits with code 2.
 
 Secrets (``key_secret``, ``webhook_secret``, ...) are wrapped in :class:`Secret`
-so that no repr, log line or exception message can show them. Each can also be
-given as a file path with the ``_FILE`` suffix (``GATEWAY_KEY_SECRET_FILE``), as
-Kubernetes mounts secrets.
+so that no repr, log line or exception message can show them. Every key can also
+be given as a file path with the ``_FILE`` suffix (``GATEWAY_KEY_SECRET_FILE``,
+``GATEWAY_CHANNEL_RATES_FILE``), as Kubernetes mounts secrets and ConfigMaps; the
+file's content is read like the variable's value.
+
+Kubernetes gives every pod variables for each Service of its namespace
+(``<SERVICE>_SERVICE_HOST``, ``<SERVICE>_PORT=tcp://10.0.0.1:8080``, ...); a
+Service whose name starts with ``gateway`` gives ``GATEWAY_*`` ones. Those are
+ignored; any other unknown ``GATEWAY_*`` variable is logged once per load as a
+warning (its name, never its value) and ignored, so that a variable left over
+from another version does not stop a pod. Unknown TOML keys stay errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +40,80 @@ REGIONS: tuple[Region, ...] = ("us", "eu", "br")
 ENV_PREFIX = "GATEWAY_"
 DEFAULT_CONVERSATION_URL = "https://{region}.conversation.api.sinch.com"
 DEFAULT_AUTH_URL = "https://auth.sinch.com/oauth2/token"
+CREDENTIALS = ("project_id", "key_id", "key_secret")
+
+log = logging.getLogger(__name__)
+
+# The variables Kubernetes sets for a Service (docs: "Discovering services",
+# environment variables), by name; names in upper case, dashes as underscores.
+_SERVICE_LINK_NAME = re.compile(
+    r"[A-Z0-9_]+_SERVICE_(HOST|PORT|PORT_[A-Z0-9_]+)"
+    r"|[A-Z0-9_]+_PORT_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?"
+)
+# <SERVICE>_PORT is also the shape of real settings (GATEWAY_HTTP_PORT): its value
+# tells them apart.
+_SERVICE_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://[^\s/]+:[0-9]+")
+
+
+class ConfigProblems(ConfigError):
+    """Every problem found by one load; ``problems`` holds them, one line each.
+
+    ``key``, ``expected`` and ``got`` are those of the first problem, so code that
+    handles one :class:`ConfigError` keeps working.
+    """
+
+    def __init__(self, problems: Iterable[ConfigError]) -> None:
+        self.problems = list(problems)
+        if not self.problems:
+            raise ValueError("ConfigProblems needs at least one problem")
+        first = self.problems[0]
+        self.key, self.expected, self.got = first.key, first.expected, first.got
+        Exception.__init__(self, "\n".join(str(p) for p in self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class SettingError(ConfigError):
+    """One missing or bad setting: ``key`` (the TOML key) and ``var``, its variable.
+
+    ``source`` says where a bad value came from when it was not ``var`` itself
+    (the TOML file, or a ``_FILE`` variable).
+    """
+
+    def __init__(
+        self,
+        key: str,
+        expected: str,
+        got: Any,
+        *,
+        var: str | None = None,
+        source: str | None = None,
+        missing: bool = False,
+    ) -> None:
+        super().__init__(key, expected, got)
+        self.var = var
+        self.source = source
+        self.missing = missing
+
+    def __str__(self) -> str:
+        where = self.key if self.source is None else f"{self.key}, from {self.source}"
+        name = f"{self.var} ({where})" if self.var else where
+        if self.missing:
+            return f"{name}: missing ({self.expected})"
+        return f"{name}: expected {self.expected}, got {self.got!r}"
+
+
+def env_var(key: str) -> str:
+    """The environment variable of a key: ``apps.a1.rate`` → ``GATEWAY_APPS``."""
+    return f"{ENV_PREFIX}{key.split('.', 1)[0].upper()}"
+
+
+def is_service_link(var: str, value: str) -> bool:
+    """True for a variable Kubernetes sets for a Service (not a setting of ours)."""
+    if _SERVICE_LINK_NAME.fullmatch(var):
+        return True
+    return var.endswith("_PORT") and _SERVICE_LINK_VALUE.fullmatch(value.strip()) is not None
 
 
 class Secret:
@@ -125,6 +210,13 @@ class Settings:
     dedupe_size: int = 100_000
     dedupe_ttl_s: float = 3600.0
     shutdown_timeout_s: float = 20.0
+    # a revocation hands back queued work and waits this long for sends and writes;
+    # the consumer's rebalance timeout is set above it
+    revoke_timeout_s: float = 5.0
+    # a record whose outputs Kafka refuses for this long makes /readyz false
+    outcome_stuck_s: float = 30.0
+    # a partition whose committed offset stands still this long while it holds records
+    stall_timeout_s: float = 300.0
 
     # HTTP server and webhooks
     http_host: str = "0.0.0.0"
@@ -137,6 +229,9 @@ class Settings:
     webhook_publish_timeout_s: float = 10.0
     status_map_ttl_s: float = 7 * 24 * 3600.0
     status_map_size: int = 200_000
+    # Replay protection: nonces seen within twice webhook_max_age_s, at most this
+    # many (about 250 bytes each: 100,000 take ~25 MB of a 512 Mi pod).
+    webhook_nonce_cache_size: int = 100_000
 
     # Operations
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -144,71 +239,56 @@ class Settings:
     max_app_labels: int = 200
 
     def __post_init__(self) -> None:
-        positive = (
-            "topic_partitions",
-            "topic_replication",
-            "session_timeout_s",
-            "fetch_max_records",
-            "commit_interval_s",
-            "request_timeout_s",
-            "connect_timeout_s",
-            "project_rate",
-            "project_burst",
-            "app_rate",
-            "app_burst",
-            "max_in_flight",
-            "max_buffered_records",
-            "max_buffered_bytes",
-            "max_message_bytes",
-            "max_attempts",
-            "max_retry_time_s",
-            "backoff_base_s",
-            "backoff_max_s",
-            "dedupe_size",
-            "dedupe_ttl_s",
-            "shutdown_timeout_s",
-            "webhook_max_age_s",
-            "webhook_max_body_bytes",
-            "webhook_publish_timeout_s",
-            "status_map_ttl_s",
-            "status_map_size",
-            "max_app_labels",
-        )
-        for name in positive:
+        problems = self.problems()
+        if problems:
+            raise ConfigProblems(problems)
+
+    def problems(self) -> list[ConfigError]:
+        """Every value out of its range, each naming its key (see :func:`load`)."""
+        out: list[ConfigError] = []
+
+        def bad(key: str, expected: str, got: Any) -> None:
+            out.append(SettingError(key, expected, got, var=env_var(key)))
+
+        for name in _POSITIVE:
             if getattr(self, name) <= 0:
-                raise ConfigError(name, "a number greater than 0", getattr(self, name))
+                bad(name, "a number greater than 0", getattr(self, name))
         if not 0 <= self.rate_margin < 0.5:
-            raise ConfigError("rate_margin", "a fraction in [0, 0.5)", self.rate_margin)
+            bad("rate_margin", "a fraction in [0, 0.5)", self.rate_margin)
         if self.token_refresh_margin_s < 0:
-            raise ConfigError(
-                "token_refresh_margin_s", "a number >= 0", self.token_refresh_margin_s
-            )
+            bad("token_refresh_margin_s", "a number >= 0", self.token_refresh_margin_s)
+        if self.region not in REGIONS:
+            bad("region", "one of us, eu, br", self.region)
         for port_name in ("http_port", "webhook_port"):
             port = getattr(self, port_name)
             if port is not None and not 0 <= port <= 65535:
-                raise ConfigError(port_name, "a TCP port 0-65535", port)
+                bad(port_name, "a TCP port 0-65535", port)
         if not self.kafka_bootstrap.strip():
-            raise ConfigError("kafka_bootstrap", "host:port[,host:port...]", self.kafka_bootstrap)
+            bad("kafka_bootstrap", "host:port[,host:port...]", self.kafka_bootstrap)
         for url_name in ("auth_url", "conversation_url"):
             url = getattr(self, url_name)
             if not url.startswith(("http://", "https://")):
-                raise ConfigError(url_name, "an http(s) URL", url)
+                bad(url_name, "an http(s) URL", url)
         for app_id, app in self.apps.items():
             if app.rate is not None and app.rate <= 0:
-                raise ConfigError(f"apps.{app_id}.rate", "a number greater than 0", app.rate)
+                bad(f"apps.{app_id}.rate", "a number greater than 0", app.rate)
             if app.burst is not None and app.burst < 1:
-                raise ConfigError(f"apps.{app_id}.burst", "a number >= 1", app.burst)
+                bad(f"apps.{app_id}.burst", "a number >= 1", app.burst)
         for channel, rate in self.channel_rates.items():
             if rate <= 0:
-                raise ConfigError(f"channel_rates.{channel}", "a number greater than 0", rate)
+                bad(f"channel_rates.{channel}", "a number greater than 0", rate)
+        return out
 
     def require_credentials(self) -> None:
-        """The service (not the simulator or ``send``) needs a project and a key."""
-        for name in ("project_id", "key_id"):
-            if not getattr(self, name):
-                raise ConfigError(name, "a non-empty value", "")
-        if not self.key_secret:
-            raise ConfigError("key_secret", "a non-empty value (or GATEWAY_KEY_SECRET_FILE)", "")
+        """The service (not the simulator or ``send``) needs a project and a key.
+
+        Raises one :class:`ConfigProblems` naming every one that is missing.
+        """
+        missing = missing_credentials(
+            {"project_id": self.project_id, "key_id": self.key_id, "key_secret": self.key_secret}
+        )
+        if missing:
+            raise ConfigProblems(missing)
 
     def conversation_base(self, region: str) -> str:
         """The base URL for ``region``; ``{region}`` in the template is filled in."""
@@ -225,6 +305,55 @@ class Settings:
     def app_burst_for(self, app_id: str) -> float:
         app = self.apps.get(app_id)
         return app.burst if app and app.burst else self.app_burst
+
+
+_POSITIVE = (
+    "topic_partitions",
+    "topic_replication",
+    "session_timeout_s",
+    "fetch_max_records",
+    "commit_interval_s",
+    "request_timeout_s",
+    "connect_timeout_s",
+    "project_rate",
+    "project_burst",
+    "app_rate",
+    "app_burst",
+    "max_in_flight",
+    "max_buffered_records",
+    "max_buffered_bytes",
+    "max_message_bytes",
+    "max_attempts",
+    "max_retry_time_s",
+    "backoff_base_s",
+    "backoff_max_s",
+    "dedupe_size",
+    "dedupe_ttl_s",
+    "shutdown_timeout_s",
+    "revoke_timeout_s",
+    "outcome_stuck_s",
+    "stall_timeout_s",
+    "webhook_max_age_s",
+    "webhook_max_body_bytes",
+    "webhook_publish_timeout_s",
+    "webhook_nonce_cache_size",
+    "status_map_ttl_s",
+    "status_map_size",
+    "max_app_labels",
+)
+
+
+def missing_credentials(values: Mapping[str, Any]) -> list[ConfigError]:
+    """A problem for each of project_id, key_id and key_secret that is empty in ``values``."""
+    out: list[ConfigError] = []
+    for name in CREDENTIALS:
+        if not values.get(name):
+            var = env_var(name)
+            expected = "a non-empty value"
+            if name == "key_secret":
+                expected += f", or a file named by {var}_FILE"
+            out.append(SettingError(name, expected, "", var=var, missing=True))
+    return out
 
 
 # -- loading ----------------------------------------------------------------
@@ -324,9 +453,9 @@ def _channel_rates_from(key: str, raw: Any) -> dict[str, float]:
 
 
 def _parse_mapping_env(key: str, text: str) -> dict[str, Any]:
-    """``GATEWAY_CHANNEL_RATES=SMS=10,WHATSAPP=80`` style values."""
+    """``GATEWAY_CHANNEL_RATES=SMS=10,WHATSAPP=80`` style values (a file may use lines)."""
     out: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in filter(None, (part.strip() for part in re.split(r"[,\n]", text))):
         name, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(key, "comma-separated NAME=VALUE pairs", text)
@@ -334,82 +463,137 @@ def _parse_mapping_env(key: str, text: str) -> dict[str, Any]:
     return out
 
 
+def _unknown_variables(env: Mapping[str, str], names: Iterable[str]) -> list[str]:
+    """``GATEWAY_*`` variables that are neither settings nor Kubernetes service links."""
+    known = {f"{ENV_PREFIX}CONFIG"}
+    for name in names:
+        known |= {env_var(name), f"{env_var(name)}_FILE"}
+    return sorted(
+        var
+        for var, value in env.items()
+        if var.startswith(ENV_PREFIX) and var not in known and not is_service_link(var, value)
+    )
+
+
+def _read_env(
+    env: Mapping[str, str], name: str, problems: list[ConfigError]
+) -> tuple[str, str] | None:
+    """(text, the variable it came from) of a key set in the environment, else None."""
+    var = env_var(name)
+    file_var = f"{var}_FILE"
+    if file_var in env:
+        try:
+            return Path(env[file_var]).read_text().strip(), file_var
+        except OSError as exc:
+            problems.append(
+                SettingError(name, f"a readable file ({exc.strerror})", env[file_var], var=file_var)
+            )
+            return None
+    if var not in env:
+        return None
+    # A Service named like a setting (gateway-http → GATEWAY_HTTP_PORT=tcp://...)
+    # whose link the pod's own env did not override.
+    if is_service_link(var, env[var]):
+        log.warning("%s looks like a Kubernetes service link, not a setting: ignored", var)
+        return None
+    return env[var], var
+
+
+def _read_toml(path: str | os.PathLike[str], problems: list[ConfigError]) -> dict[str, Any]:
+    var = f"{ENV_PREFIX}CONFIG"
+    try:
+        with Path(path).open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        problems.append(
+            SettingError("config", f"a readable TOML file ({exc.strerror})", str(path), var=var)
+        )
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(SettingError("config", f"valid TOML ({exc})", str(path), var=var))
+    return {}
+
+
+def _convert(name: str, raw: Any, hint: Any) -> Any:
+    if name == "apps":
+        return raw if _is_app_map(raw) else _apps_from(name, raw)
+    if name == "channel_rates":
+        return _channel_rates_from(name, raw)
+    if isinstance(raw, Secret):
+        return raw
+    return _coerce(name, raw, hint)
+
+
 def load(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
+    *,
+    require_credentials: bool = False,
     **overrides: Any,
 ) -> Settings:
     """Build :class:`Settings` from a TOML file, then ``GATEWAY_*`` env, then ``overrides``.
 
-    ``path`` defaults to ``GATEWAY_CONFIG`` when set. Unknown TOML keys and unknown
-    ``GATEWAY_*`` variables are errors: a typo must not silently fall back to a default.
+    ``path`` defaults to ``GATEWAY_CONFIG`` when set. Every key is checked, and
+    every problem (unknown TOML key, unreadable ``_FILE``, bad value, value out of
+    range, and with ``require_credentials`` a missing project_id, key_id or
+    key_secret) is reported in one :class:`ConfigProblems`. Unknown ``GATEWAY_*``
+    variables are logged and ignored, Kubernetes service links ignored silently.
     """
     env = os.environ if env is None else env
     path = path or env.get(f"{ENV_PREFIX}CONFIG") or None
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with Path(path).open("rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError("GATEWAY_CONFIG", "a readable TOML file", str(path)) from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("GATEWAY_CONFIG", f"valid TOML ({exc})", str(path)) from None
+    problems: list[ConfigError] = []
+    data = _read_toml(path, problems) if path is not None else {}
 
     hints = typing.get_type_hints(Settings)
-    names = {f.name for f in dataclasses.fields(Settings)}
+    names = [f.name for f in dataclasses.fields(Settings)]
+    for var in _unknown_variables(env, names):
+        log.warning("%s is not a setting of this gateway version: ignored", var)
+
     values: dict[str, Any] = {}
+    sources: dict[str, str | None] = {}
     for key, raw in data.items():
-        if key not in names:
-            raise ConfigError(key, "a known setting", "unknown key in the TOML file")
-        values[key] = raw
-
-    known_env = {f"{ENV_PREFIX}{n.upper()}" for n in names} | {f"{ENV_PREFIX}CONFIG"}
-    known_env |= {f"{ENV_PREFIX}{n.upper()}_FILE" for n in names}
-    for var in env:
-        if var.startswith(ENV_PREFIX) and var not in known_env:
-            raise ConfigError(var, "a known GATEWAY_* variable", "unknown variable")
-
-    for name in names:
-        var = f"{ENV_PREFIX}{name.upper()}"
-        file_var = f"{var}_FILE"
-        if file_var in env:
-            try:
-                values[name] = Path(env[file_var]).read_text().strip()
-            except OSError:
-                raise ConfigError(file_var, "a readable file", env[file_var]) from None
-            source = file_var
-        elif var in env:
-            values[name] = env[var]
-            source = var
+        if key in names:
+            values[key], sources[key] = raw, str(path)
         else:
+            problems.append(SettingError(key, "a known setting", key, source=str(path)))
+    for name in names:
+        found = _read_env(env, name, problems)
+        if found is None:
             continue
-        if name == "apps":
-            raise ConfigError(source, "per-app settings in the TOML file ([apps.ID])", "env")
-        if name == "channel_rates":
-            values[name] = _parse_mapping_env(source, env[source] if source == var else "")
-    values.update(overrides)
+        text, var = found
+        # the variable itself is named first; another source is named after the key
+        sources[name] = None if var == env_var(name) else var
+        try:
+            if name == "apps":
+                raise ConfigError(name, "per-app settings in the TOML file ([apps.ID])", "env")
+            values[name] = _parse_mapping_env(name, text) if name == "channel_rates" else text
+        except ConfigError as exc:
+            problems.append(_located(exc, sources))
+            values.pop(name, None)
+    for name, raw in overrides.items():
+        values[name], sources[name] = raw, None
 
     kwargs: dict[str, Any] = {}
     for name, raw in values.items():
-        key = f"{ENV_PREFIX}{name.upper()}" if f"{ENV_PREFIX}{name.upper()}" in env else name
-        if name == "apps":
-            kwargs[name] = raw if _is_app_map(raw) else _apps_from(key, raw)
-        elif name == "channel_rates":
-            kwargs[name] = _channel_rates_from(key, raw)
-        elif isinstance(raw, Secret):
-            kwargs[name] = raw
-        else:
-            kwargs[name] = _coerce(key, raw, hints[name])
-    if kwargs.get("region") is not None and kwargs["region"] not in REGIONS:
-        raise ConfigError("region", "one of us, eu, br", kwargs["region"])
+        try:
+            kwargs[name] = _convert(name, raw, hints[name])
+        except ConfigError as exc:
+            problems.append(_located(exc, sources))
     try:
-        return Settings(**kwargs)
-    except ConfigError as exc:
-        env_key = f"{ENV_PREFIX}{exc.key.upper()}"
-        if env_key in env:
-            raise ConfigError(env_key, exc.expected, exc.got) from None
-        raise
+        settings: Settings | None = Settings(**kwargs)
+    except ConfigProblems as exc:
+        settings = None
+        problems.extend(_located(p, sources) for p in exc.problems)
+    if require_credentials:
+        problems.extend(missing_credentials(kwargs))
+    if problems or settings is None:
+        raise ConfigProblems(problems)
+    return settings
+
+
+def _located(exc: ConfigError, sources: Mapping[str, str | None]) -> SettingError:
+    """``exc`` naming the variable of its key, and where the value came from."""
+    root = exc.key.split(".", 1)[0]
+    return SettingError(exc.key, exc.expected, exc.got, var=env_var(root), source=sources.get(root))
 
 
 def _is_app_map(raw: Any) -> bool:

@@ -353,6 +353,63 @@ def test_deployment_runs_locked_down_with_probes(chart: Any, which: str) -> None
     known = {f"GATEWAY_{n.upper()}" for n in settings_fields()} | {"GATEWAY_CONFIG"}
     known |= {f"{k}_FILE" for k in known}
     assert set(env) <= known
+    # No <SERVICE>_* variables: the release's own Service would give GATEWAY_* ones.
+    assert pod["enableServiceLinks"] is False
+
+
+def service_link_env(service: dict[str, Any], ip: str = "10.0.0.1") -> dict[str, str]:
+    """The variables Kubernetes gives a pod for ``service`` when service links are on."""
+    prefix = service["metadata"]["name"].upper().replace("-", "_")
+    ports = service["spec"]["ports"]
+    first = ports[0]
+    env = {
+        f"{prefix}_SERVICE_HOST": ip,
+        f"{prefix}_SERVICE_PORT": str(first["port"]),
+        f"{prefix}_PORT": f"{first.get('protocol', 'TCP').lower()}://{ip}:{first['port']}",
+    }
+    for port in ports:
+        proto = port.get("protocol", "TCP")
+        base = f"{prefix}_PORT_{port['port']}_{proto}"
+        if "name" in port:
+            env[f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(
+                port["port"]
+            )
+        env[base] = f"{proto.lower()}://{ip}:{port['port']}"
+        env[f"{base}_PROTO"] = proto.lower()
+        env[f"{base}_PORT"] = str(port["port"])
+        env[f"{base}_ADDR"] = ip
+    return env
+
+
+@pytest.mark.parametrize("service_name", [None, "gateway"])
+def test_gateway_starts_with_service_links_of_a_release_named_gateway(
+    chart: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, service_name: str | None
+) -> None:
+    """Were service links on (an older chart, or a pod of another chart in the
+    namespace), `helm install gateway` gives GATEWAY_SINCH_GATEWAY_* variables, and
+    a Service named gateway GATEWAY_PORT=tcp://...: the gateway still starts, quietly."""
+    values = full_values()
+    values["fullnameOverride"] = service_name or ""
+    out = chart.render(values, name="gateway", namespace=NAMESPACE, is_install=True)
+    docs = manifests({Path(k).name: v for k, v in out.items() if v.strip()})
+    service = by_kind(docs, "Service")
+    expected = service_name or "gateway-sinch-gateway"
+    assert service["metadata"]["name"] == expected
+    links = service_link_env(service)
+    assert f"{expected.upper().replace('-', '_')}_PORT" in links
+    assert all(var.startswith("GATEWAY_") for var in links)
+    toml = tmp_path / "gateway.toml"
+    toml.write_text(by_kind(docs, "ConfigMap")["data"]["gateway.toml"])
+    env = {**links, "GATEWAY_CONFIG": str(toml), "GATEWAY_KEY_SECRET": "s"}
+    for item in container(docs)["env"]:
+        if item["name"] not in ("GATEWAY_CONFIG", "GATEWAY_KEY_SECRET_FILE"):
+            env.setdefault(item["name"], item["value"])
+    env = {k: v for k, v in env.items() if not k.endswith("_FILE")}
+    caplog.set_level("DEBUG", logger="gateway.settings")
+    settings = load(env=env, require_credentials=True)
+    assert settings.http_port == 8080
+    assert settings.webhook_port == 8443
+    assert caplog.records == []
 
 
 def test_service_monitor_and_ingress_point_at_real_ports(chart: Any) -> None:
