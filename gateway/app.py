@@ -1,17 +1,18 @@
 """Composition root: builds every part of the gateway, runs it, shuts it down.
 
-Startup order:
+Startup order (:meth:`Gateway.run`, one named step each):
   admin server and webhook (``/healthz`` answers at once, ``/readyz`` says why
   not yet, the webhook answers 503 until it can publish) → topics (if
   ``create_topics``) → Sinch and auth HTTP sessions → token manager and its
   keeper → results producer, events producer (each retried with back-off while
-  Kafka is down) → delivery, lanes, adaptive rates → consumer → intake loop,
-  commit loop, adaptive recovery.
+  Kafka is down) → outcomes, delivery, lanes, adaptive rates → consumer →
+  intake loop, commit loop, adaptive recovery.
 
 Shutdown order (SIGTERM/SIGINT only set the stop event):
   not ready → stop fetching → stop lane workers → let in-flight sends finish
-  (within ``shutdown_timeout_s``) → commit → flush and stop the producer →
-  stop the consumer → close HTTP sessions → stop the HTTP servers.
+  (within ``shutdown_timeout_s``) → let their outcomes be written (same bound)
+  → commit → flush and stop the producer → stop the consumer → close HTTP
+  sessions → stop the HTTP servers.
 Records still queued in lanes are not committed: the next owner sends them.
 """
 
@@ -24,6 +25,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -40,6 +42,7 @@ from gateway.envelope import Request
 from gateway.lanes import Lane, Lanes
 from gateway.limiter import Bucket
 from gateway.metrics import Metrics
+from gateway.outcomes import Outcomes
 from gateway.producer import Publisher, ensure_topics
 from gateway.settings import Settings
 from gateway.sinch import SinchClient
@@ -56,6 +59,17 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     await asyncio.gather(task, return_exceptions=True)
 
 
+@dataclass(slots=True)
+class _Pipeline:
+    """What the send path is made of, once built."""
+
+    outcomes: Outcomes
+    delivery: Delivery
+    lanes: Lanes
+    intake: Intake
+    adaptive: AdaptiveRates
+
+
 class Gateway:
     """The service. ``await Gateway(settings).run(stop)`` runs until ``stop`` is set."""
 
@@ -67,14 +81,13 @@ class Gateway:
         self.metrics = Metrics(self.registry, max_app_labels=settings.max_app_labels)
         self.http_port: int | None = None
         self.webhook_port: int | None = None
-        self._background: set[asyncio.Future[None]] = set()
         self.started = asyncio.Event()
         self.intake: Intake | None = None
         self.lanes: Lanes | None = None
+        self.outcomes: Outcomes | None = None
+        self.delivery: Delivery | None = None
         self.tokens: TokenSource | None = None
         self._stopping = False
-        self._auth_refused_until = 0.0
-        self._auth_reason = ""
 
     # -- readiness --------------------------------------------------------
 
@@ -89,9 +102,11 @@ class Gateway:
 
         def partitions() -> tuple[bool, str]:
             intake = self.intake
-            if intake is None:
-                return False, "not started"
-            return True, "assigned" if intake.assigned else "waiting for assignment"
+            if intake is None or not intake.joined:
+                return False, "joining the consumer group"
+            if not intake.assigned:
+                return True, "in the group, no partition assigned (more replicas than partitions)"
+            return True, f"{len(intake.trackers)} assigned"
 
         def token() -> tuple[bool, str]:
             if self.tokens is None:
@@ -103,12 +118,35 @@ class Gateway:
         def sending() -> tuple[bool, str]:
             if self._stopping:
                 return False, "shutting down"
-            if time.monotonic() < self._auth_refused_until:
-                return False, f"held: credentials refused ({self._auth_reason})"
+            held = self.delivery.held() if self.delivery is not None else None
+            if held is not None:
+                return False, f"held: Sinch refused ({held}); retrying"
             return True, "sending"
 
+        def outputs() -> tuple[bool, str]:
+            if self.outcomes is None:
+                return True, "not started"
+            return self.outcomes.stuck()
+
+        def progress() -> tuple[bool, str]:
+            intake = self.intake
+            stalled = intake.stalled() if intake is not None else []
+            if stalled:
+                return False, (
+                    f"partitions {stalled} have not committed for "
+                    f"{self.settings.stall_timeout_s:.0f} s while holding records"
+                )
+            return True, "committing"
+
         return Health(
-            {"kafka": kafka, "partitions": partitions, "token": token, "sending": sending}
+            {
+                "kafka": kafka,
+                "partitions": partitions,
+                "token": token,
+                "sending": sending,
+                "outputs": outputs,
+                "progress": progress,
+            }
         )
 
     def _share_project_rate(self, owned: int, total: int) -> None:
@@ -123,161 +161,197 @@ class Gateway:
             if bucket.on_change is not None:
                 bucket.on_change(bucket)
 
-    def _auth_refused(self, reason: str) -> None:
-        if time.monotonic() >= self._auth_refused_until:
-            log.error("Sinch refused the credentials (%s): sending held, retrying", reason)
-        self._auth_refused_until = time.monotonic() + self.settings.backoff_max_s
-        self._auth_reason = reason
+    def _on_hold(self, scope: str, reason: str) -> None:
+        log.error("Sinch refused the %s (%s): all sending held, retrying", scope, reason)
 
     # -- run --------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        loop = asyncio.get_running_loop()
-        clock = loop.time
-        m = self.metrics
         async with AsyncExitStack() as stack:
-            receiver = WebhookReceiver(s, m, publish_timeout_s=s.webhook_publish_timeout_s)
+            receiver = WebhookReceiver(
+                s, self.metrics, publish_timeout_s=s.webhook_publish_timeout_s
+            )
             health = self._health()
-            admin = make_admin_app(self.registry, health)
-            if s.webhook_port is None:
-                admin.router.add_post(WEBHOOK_PATH, receiver.handle)
-            else:
-                hooks = web.Application()
-                hooks.router.add_post(WEBHOOK_PATH, receiver.handle)
-                hooks_runner, self.webhook_port = await start_site(
-                    hooks, s.http_host, s.webhook_port
-                )
-                stack.push_async_callback(hooks_runner.cleanup)
-            admin_runner, self.http_port = await start_site(admin, s.http_host, s.http_port)
-            stack.push_async_callback(admin_runner.cleanup)
-            log.info("admin server on %s:%d", s.http_host, self.http_port)
-
+            await self._start_servers(stack, receiver, health)
             if s.create_topics:
                 await self._retry_kafka(lambda: ensure_topics(s), stop, "create topics")
                 if stop.is_set():
                     return
-
-            timeout = aiohttp.ClientTimeout(total=s.request_timeout_s, connect=s.connect_timeout_s)
-            connector = aiohttp.TCPConnector(limit=s.max_in_flight, ttl_dns_cache=300)
-            sinch_session = aiohttp.ClientSession(
-                connector=connector, timeout=timeout, raise_for_status=False
-            )
-            stack.push_async_callback(sinch_session.close)
-            auth_session = aiohttp.ClientSession(timeout=timeout)
-            stack.push_async_callback(auth_session.close)
-
-            tokens: TokenSource
-            if s.auth_mode == "basic":
-                tokens = BasicAuth(s.key_id, s.key_secret)
-            else:
-                manager = TokenManager(
-                    auth_session,
-                    auth_url=s.auth_url,
-                    key_id=s.key_id,
-                    key_secret=s.key_secret,
-                    refresh_margin_s=s.token_refresh_margin_s,
-                    backoff_base_s=s.backoff_base_s,
-                    backoff_max_s=s.backoff_max_s,
-                    on_refresh=lambda result, _exp: m.token_refreshes.labels(result).inc(),
-                )
-                stack.push_async_callback(manager.close)
-                keeper = asyncio.create_task(manager.keep_fresh(stop), name="token-keeper")
-                stack.push_async_callback(_cancel, keeper)
-                m.token_expires_in.set_function(lambda: manager.seconds_left() or -1.0)
-                tokens = manager
-            self.tokens = tokens
-
-            publisher = Publisher(s)
-            await self._retry_kafka(publisher.start, stop, "start producer")
+            sinch_session, auth_session = self._http_sessions(stack)
+            self.tokens = self._token_source(stack, auth_session, stop)
+            publisher = await self._start_publisher(stack, stop, linger_ms=25, what="producer")
+            events = await self._start_publisher(stack, stop, linger_ms=1, what="events producer")
+            if publisher is None or events is None:
+                return
+            receiver.attach(events)
+            pipe = self._build_pipeline(self.tokens, publisher, sinch_session, receiver)
+            self._bind_metrics(pipe, health)
+            await self._retry_kafka(pipe.intake.start, stop, "start consumer")
             if stop.is_set():
                 return
-            stack.push_async_callback(publisher.stop)
-            events_publisher = Publisher(s, linger_ms=1)
-            await self._retry_kafka(events_publisher.start, stop, "start events producer")
-            if stop.is_set():
-                return
-            stack.push_async_callback(events_publisher.stop)
-            receiver.attach(events_publisher)
-
-            sent_ids = RecentIds(s.dedupe_size, s.dedupe_ttl_s, clock)
-            intake_ref: list[Intake] = []
-
-            def finished(req: Request) -> None:
-                intake_ref[0].finished(req)
-
-            delivery = Delivery(
-                settings=s,
-                sinch=SinchClient(s, sinch_session),
-                tokens=tokens,
-                publisher=publisher,
-                metrics=m,
-                sent_ids=sent_ids,
-                clock=clock,
-                on_finished=finished,
-                on_auth_refused=self._auth_refused,
-                on_sent=receiver.record_sent,
-            )
-            lanes = self._make_lanes(delivery)
-            self.lanes = lanes
-            adaptive = AdaptiveRates(lanes.project_bucket, clock)
-            delivery.feedback = adaptive
-            intake = Intake(
-                settings=s,
-                metrics=m,
-                lanes=lanes,
-                delivery=delivery,
-                publisher=publisher,
-                sent_ids=sent_ids,
-                clock=clock,
-                on_share=self._share_project_rate,
-            )
-            intake_ref.append(intake)
-            self.intake = intake
-            m.buffered.set_function(lambda: intake.buffered)
-            m.in_flight.set_function(lambda: lanes.in_flight)
-            m.ready.set_function(lambda: 1.0 if health.ready() else 0.0)
-            m.lane_depth.bind(lambda: [(ln.app_id, ln.depth) for ln in lanes.lanes.values()])
-            m.sending_paused.labels("auth").set_function(
-                lambda: 1.0 if time.monotonic() < self._auth_refused_until else 0.0
-            )
-            m.sending_paused.labels("app").set_function(
-                lambda: sum(1 for ln in lanes.lanes.values() if ln.paused_until > clock())
-            )
-
-            await self._retry_kafka(intake.start, stop, "start consumer")
-            if stop.is_set():
-                return
-            stack.push_async_callback(intake.stop)
+            stack.push_async_callback(pipe.intake.stop)
             # Startup objects never die: keep them out of the cyclic GC's way, so that a
             # full collection does not pause the loop (a paused loop bunches sends).
             gc.collect()
             gc.freeze()
             self.started.set()
             log.info("gateway started: project %s, region %s", s.project_id, s.region)
-
-            async with asyncio.TaskGroup() as tg:
-                run_task = tg.create_task(intake.run(), name="intake")
-                commit_task = tg.create_task(intake.commit_loop(), name="commits")
-                tg.create_task(adaptive.run(stop), name="adaptive-rates")
-                await stop.wait()
-                # the ordered shutdown of the module docstring
-                self._stopping = True
-                intake.stop_fetching()
-                await run_task
-                await lanes.stop_workers()
-                drained = await lanes.wait_in_flight(s.shutdown_timeout_s)
-                if not drained:
-                    log.warning(
-                        "in-flight sends did not finish within %.0f s", s.shutdown_timeout_s
-                    )
-                await lanes.close()
-                await commit_task
-                await intake.commit()
+            await self._serve(pipe, stop)
             await publisher.flush()
             log.info("gateway stopped")
 
-    def _make_lanes(self, delivery: Delivery) -> Lanes:
+    async def _start_servers(
+        self, stack: AsyncExitStack, receiver: WebhookReceiver, health: Health
+    ) -> None:
+        s = self.settings
+        admin = make_admin_app(self.registry, health)
+        if s.webhook_port is None:
+            admin.router.add_post(WEBHOOK_PATH, receiver.handle)
+        else:
+            hooks = web.Application()
+            hooks.router.add_post(WEBHOOK_PATH, receiver.handle)
+            hooks_runner, self.webhook_port = await start_site(hooks, s.http_host, s.webhook_port)
+            stack.push_async_callback(hooks_runner.cleanup)
+        admin_runner, self.http_port = await start_site(admin, s.http_host, s.http_port)
+        stack.push_async_callback(admin_runner.cleanup)
+        log.info("admin server on %s:%d", s.http_host, self.http_port)
+
+    def _http_sessions(
+        self, stack: AsyncExitStack
+    ) -> tuple[aiohttp.ClientSession, aiohttp.ClientSession]:
+        s = self.settings
+        timeout = aiohttp.ClientTimeout(total=s.request_timeout_s, connect=s.connect_timeout_s)
+        connector = aiohttp.TCPConnector(limit=s.max_in_flight, ttl_dns_cache=300)
+        sinch_session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, raise_for_status=False
+        )
+        stack.push_async_callback(sinch_session.close)
+        auth_session = aiohttp.ClientSession(timeout=timeout)
+        stack.push_async_callback(auth_session.close)
+        return sinch_session, auth_session
+
+    def _token_source(
+        self, stack: AsyncExitStack, session: aiohttp.ClientSession, stop: asyncio.Event
+    ) -> TokenSource:
+        s = self.settings
+        m = self.metrics
+        if s.auth_mode == "basic":
+            return BasicAuth(s.key_id, s.key_secret)
+        manager = TokenManager(
+            session,
+            auth_url=s.auth_url,
+            key_id=s.key_id,
+            key_secret=s.key_secret,
+            refresh_margin_s=s.token_refresh_margin_s,
+            backoff_base_s=s.backoff_base_s,
+            backoff_max_s=s.backoff_max_s,
+            on_refresh=lambda result, _exp: m.token_refreshes.labels(result).inc(),
+        )
+        stack.push_async_callback(manager.close)
+        keeper = asyncio.create_task(manager.keep_fresh(stop), name="token-keeper")
+        stack.push_async_callback(_cancel, keeper)
+        m.token_expires_in.set_function(lambda: manager.seconds_left() or -1.0)
+        return manager
+
+    async def _start_publisher(
+        self, stack: AsyncExitStack, stop: asyncio.Event, *, linger_ms: int, what: str
+    ) -> Publisher | None:
+        publisher = Publisher(self.settings, linger_ms=linger_ms)
+        await self._retry_kafka(publisher.start, stop, f"start {what}")
+        if stop.is_set():
+            return None
+        stack.push_async_callback(publisher.stop)
+        return publisher
+
+    def _build_pipeline(
+        self,
+        tokens: TokenSource,
+        publisher: Publisher,
+        sinch_session: aiohttp.ClientSession,
+        receiver: WebhookReceiver,
+    ) -> _Pipeline:
+        s = self.settings
+        clock = asyncio.get_running_loop().time
+        sent_ids = RecentIds(s.dedupe_size, s.dedupe_ttl_s, clock)
+        intake_ref: list[Intake] = []
+        outcomes = Outcomes(
+            settings=s,
+            publisher=publisher,
+            metrics=self.metrics,
+            sent_ids=sent_ids,
+            clock=clock,
+            release=lambda ending, finished: intake_ref[0].release(ending, finished),
+        )
+        delivery = Delivery(
+            settings=s,
+            sinch=SinchClient(s, sinch_session),
+            tokens=tokens,
+            outcomes=outcomes,
+            metrics=self.metrics,
+            clock=clock,
+            on_hold=self._on_hold,
+            on_sent=receiver.record_sent,
+        )
+        lanes = self._make_lanes(delivery, lambda req: intake_ref[0].hand_back(req))
+        adaptive = AdaptiveRates(lanes.project_bucket, clock)
+        delivery.feedback = adaptive
+        intake = Intake(
+            settings=s,
+            metrics=self.metrics,
+            lanes=lanes,
+            outcomes=outcomes,
+            sent_ids=sent_ids,
+            clock=clock,
+            on_share=self._share_project_rate,
+        )
+        intake_ref.append(intake)
+        self.outcomes, self.delivery, self.lanes, self.intake = outcomes, delivery, lanes, intake
+        return _Pipeline(outcomes, delivery, lanes, intake, adaptive)
+
+    def _bind_metrics(self, pipe: _Pipeline, health: Health) -> None:
+        m = self.metrics
+        intake, lanes, outcomes, delivery = pipe.intake, pipe.lanes, pipe.outcomes, pipe.delivery
+        clock = asyncio.get_running_loop().time
+        m.buffered.set_function(lambda: intake.buffered)
+        m.in_flight.set_function(lambda: lanes.in_flight)
+        m.ready.set_function(lambda: 1.0 if health.ready() else 0.0)
+        m.lane_depth.bind(lambda: [(ln.app_id, ln.depth) for ln in lanes.lanes.values()])
+        m.sending_paused.labels("auth").set_function(
+            lambda: 1.0 if delivery.held() not in (None, "project_refused") else 0.0
+        )
+        m.sending_paused.labels("project").set_function(
+            lambda: 1.0 if delivery.held() == "project_refused" else 0.0
+        )
+        m.sending_paused.labels("app").set_function(
+            lambda: sum(1 for ln in lanes.lanes.values() if ln.paused_until > clock())
+        )
+        m.outcome_writes_failing.set_function(outcomes.failing)
+        m.outcome_oldest_failure.set_function(outcomes.oldest_failure_s)
+
+    async def _serve(self, pipe: _Pipeline, stop: asyncio.Event) -> None:
+        """Run the loops until ``stop``; then the ordered shutdown of the module docstring."""
+        s = self.settings
+        intake, lanes = pipe.intake, pipe.lanes
+        async with asyncio.TaskGroup() as tg:
+            run_task = tg.create_task(intake.run(), name="intake")
+            commit_task = tg.create_task(intake.commit_loop(), name="commits")
+            tg.create_task(pipe.adaptive.run(stop), name="adaptive-rates")
+            await stop.wait()
+            self._stopping = True
+            intake.stop_fetching()
+            await run_task
+            await lanes.stop_workers()
+            deadline = time.monotonic() + s.shutdown_timeout_s
+            if not await lanes.wait_in_flight(s.shutdown_timeout_s):
+                log.warning("in-flight sends did not finish within %.0f s", s.shutdown_timeout_s)
+            await lanes.close()
+            if not await pipe.outcomes.settle(None, deadline - time.monotonic()):
+                log.warning("some outcomes were not written in time; they are not committed")
+            await commit_task
+            await intake.commit()
+
+    def _make_lanes(self, delivery: Delivery, hand_back: Callable[[Request], None]) -> Lanes:
         s = self.settings
         m = self.metrics
         loop_clock = asyncio.get_running_loop().time
@@ -310,11 +384,6 @@ class Gateway:
         def expired(req: Request) -> bool:
             return req.expire_at is not None and req.expire_at <= time.time()
 
-        def on_expired(req: Request) -> None:
-            task = asyncio.ensure_future(delivery.expire(req))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
         async def send(req: Request, lane: Lane) -> None:
             with logs.context(request_id=req.request_id, app_id=req.app_id):
                 await delivery.attempt(req, lane)
@@ -330,8 +399,9 @@ class Gateway:
             clock=loop_clock,
             on_wait=m.limiter_wait.observe,
             expired=expired,
-            on_expired=on_expired,
+            on_expired=delivery.expire,
             gate=delivery.gate,
+            hand_back=hand_back,
         )
 
     async def _retry_kafka(

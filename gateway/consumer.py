@@ -1,8 +1,9 @@
 """Intake: the aiokafka consumer loop, back-pressure, offsets and rebalances.
 
-The loop reads batches, decodes each record (a bad one goes to the DLQ with a
-``rejected`` result), skips duplicates and expired requests, and routes the
-rest to their app's lane. It never waits for a send.
+The loop reads batches, decodes each record and routes it to its app's lane; it
+never waits for a send. Every record that does not go to a lane ends at once
+through :class:`~gateway.outcomes.Outcomes`: a bad one is ``rejected`` (DLQ and a
+result), a duplicate is skipped, an expired one gets its result.
 
 Back-pressure: records read and not finished are counted against a budget of
 records and bytes. Over budget, every assigned partition is paused; under 80 %
@@ -10,7 +11,9 @@ of it they are resumed. Memory stays flat whatever the backlog in Kafka.
 
 Offsets: a :class:`PartitionTracker` per partition; the commit task commits the
 contiguous finished prefix every ``commit_interval_s`` and on shutdown or
-revocation, with the map of finished records beyond it in the metadata.
+revocation, with the map of finished records beyond it in the metadata. A
+partition whose committed offset stands still for ``stall_timeout_s`` while it
+holds records is reported stalled (metric, alert, ``/readyz``).
 """
 
 from __future__ import annotations
@@ -26,24 +29,21 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from gateway.delivery import dlq_headers
-from gateway.envelope import Request, Status, decode, result_record
+from gateway.envelope import Request, decode, peek_ids
 from gateway.errors import InvalidMessage
-from gateway.offsets import PartitionTracker, decode_done, encode_done
+from gateway.offsets import Origin, PartitionTracker, decode_done, encode_done
 from gateway.producer import kafka_options
 
 if TYPE_CHECKING:
     from gateway.dedupe import RecentIds
-    from gateway.delivery import Delivery
     from gateway.lanes import Lanes
     from gateway.metrics import Metrics
-    from gateway.producer import Publisher
+    from gateway.outcomes import Ending, Outcomes
     from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 32  # records decoded between two turns of the event loop
-
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, intake: Intake) -> None:
@@ -56,6 +56,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._intake.assign(assigned)
 
 
+ConsumerFactory = Callable[[ConsumerRebalanceListener], Any]
+
+
 class Intake:
     """Reads the requests topic and feeds the lanes."""
 
@@ -65,37 +68,35 @@ class Intake:
         settings: Settings,
         metrics: Metrics,
         lanes: Lanes,
-        delivery: Delivery,
-        publisher: Publisher,
+        outcomes: Outcomes,
         sent_ids: RecentIds,
         clock: Callable[[], float],
         on_share: Callable[[int, int], None] | None = None,
+        consumer_factory: ConsumerFactory | None = None,
     ) -> None:
         self._s = settings
         self._m = metrics
         self._lanes = lanes
-        self._delivery = delivery
-        self._pub = publisher
+        self._outcomes = outcomes
         self._sent_ids = sent_ids
         self._clock = clock
         self._on_share = on_share
-        self.consumer: AIOKafkaConsumer | None = None
+        self._consumer_factory = consumer_factory or self._make_consumer
+        self.consumer: Any = None
         self.trackers: dict[int, PartitionTracker] = {}
         self.in_progress: set[str] = set()
         self.buffered = 0
         self.buffered_bytes = 0
         self.paused = False
         self.assigned = False
+        self.joined = False
         self.connected = False
         self._stopping = asyncio.Event()
         self._commit_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Future[Any]] = set()
 
     # -- lifecycle --------------------------------------------------------
 
-    async def start(self) -> None:
-        if self.consumer is not None:
-            return
+    def _make_consumer(self, listener: ConsumerRebalanceListener) -> AIOKafkaConsumer:
         s = self._s
         session_ms = int(s.session_timeout_s * 1000)
         consumer = AIOKafkaConsumer(
@@ -106,10 +107,18 @@ class Intake:
             auto_offset_reset="earliest",
             session_timeout_ms=session_ms,
             heartbeat_interval_ms=max(100, session_ms // 3),
+            # a member has this long to finish its revocation and rejoin
+            rebalance_timeout_ms=max(session_ms, int((s.revoke_timeout_s + 5.0) * 1000)),
             max_partition_fetch_bytes=max(1_048_576, s.max_message_bytes),
             fetch_max_bytes=max(52_428_800, s.max_message_bytes),
         )
-        consumer.subscribe([s.requests_topic], listener=_Listener(self))
+        consumer.subscribe([s.requests_topic], listener=listener)
+        return consumer
+
+    async def start(self) -> None:
+        if self.consumer is not None:
+            return
+        consumer = self._consumer_factory(_Listener(self))
         await consumer.start()
         self.consumer = consumer
         self.connected = True
@@ -143,10 +152,8 @@ class Intake:
         consumer = self.consumer
         if consumer is None:
             raise RuntimeError("Intake.run() before start()")
-        budget = self._s.max_buffered_records
-        budget_bytes = self._s.max_buffered_bytes
         while not self._stopping.is_set():
-            room = min(budget - self.buffered, self._s.fetch_max_records)
+            room = min(self._s.max_buffered_records - self.buffered, self._s.fetch_max_records)
             if room <= 0 and not self.paused:
                 self._pause(True)
             try:
@@ -158,27 +165,35 @@ class Intake:
                 log.warning("kafka fetch failed: %s", exc)
                 await asyncio.sleep(1.0)
                 continue
-            for tp, records in batch.items():
-                tracker = self.trackers.get(tp.partition)
-                if tracker is None or tracker.revoked:
-                    continue
-                for i, record in enumerate(records, 1):
-                    self._take(tracker, record)
-                    if i % YIELD_EVERY == 0:
-                        # a long batch must not stall the loop: a late send bunches
-                        # with the next one and can break Sinch's 1-second window
-                        await asyncio.sleep(0)
-                        if tracker.revoked:
-                            break
-            over = self.buffered >= budget or self.buffered_bytes >= budget_bytes
-            if over and not self.paused:
-                self._pause(True)
-            elif self.paused and (
-                self.buffered < budget * 0.8 and self.buffered_bytes < budget_bytes * 0.8
-            ):
-                self._pause(False)
+            await self._take_batch(batch)
+            self._apply_budget()
 
-    async def _fetch(self, consumer: AIOKafkaConsumer, room: int) -> dict[Any, list[Any]]:
+    async def _take_batch(self, batch: dict[Any, list[Any]]) -> None:
+        for tp, records in batch.items():
+            tracker = self.trackers.get(tp.partition)
+            if tracker is None or tracker.revoked:
+                continue
+            for i, record in enumerate(records, 1):
+                self.take(tracker, record)
+                if i % YIELD_EVERY == 0:
+                    # a long batch must not stall the loop: a late send bunches
+                    # with the next one and can break Sinch's 1-second window
+                    await asyncio.sleep(0)
+                    if tracker.revoked:
+                        break
+
+    def _apply_budget(self) -> None:
+        budget = self._s.max_buffered_records
+        budget_bytes = self._s.max_buffered_bytes
+        over = self.buffered >= budget or self.buffered_bytes >= budget_bytes
+        if over and not self.paused:
+            self._pause(True)
+        elif self.paused and (
+            self.buffered < budget * 0.8 and self.buffered_bytes < budget_bytes * 0.8
+        ):
+            self._pause(False)
+
+    async def _fetch(self, consumer: Any, room: int) -> dict[Any, list[Any]]:
         """Up to ``room`` records, a share from every partition that has some.
 
         aiokafka hands out one partition's buffer before the next one's; with keys
@@ -209,112 +224,73 @@ class Intake:
         self.paused = pause
         self._m.paused_partitions.set(len(parts) if pause else 0)
 
-    def _take(self, tracker: PartitionTracker, record: Any) -> None:
+    def take(self, tracker: PartitionTracker, record: Any) -> None:
+        """One record read from ``tracker``'s partition: to its lane, or ended at once."""
         offset = record.offset
         tracker.add(offset)
+        value = record.value
+        origin = Origin(
+            tracker,
+            offset,
+            key=record.key,
+            value=value,
+            headers=tuple(record.headers or ()),
+            timestamp_ms=record.timestamp or 0,
+        )
+        self.buffered += 1
+        self.buffered_bytes += origin.size
         if offset in tracker.skip:  # finished before a crash or rebalance (commit metadata)
             tracker.skip.discard(offset)
-            tracker.done(offset)
-            self._m.duplicates.inc()
+            self._outcomes.duplicate(origin)
             return
         self._m.consumed.inc()
-        value = record.value
-        size = len(value) if value else 0
-        self.buffered += 1
-        self.buffered_bytes += size
         try:
             req = decode(value, max_bytes=self._s.max_message_bytes)
         except InvalidMessage as exc:
-            self._spawn(self._reject(tracker, record, exc))
+            request_id, app_id = peek_ids(value, max_bytes=self._s.max_message_bytes)
+            self._outcomes.rejected(
+                origin, exc.reason, exc.detail, request_id=request_id, app_id=app_id
+            )
             return
-        req.partition = record.partition
-        req.offset = offset
-        req.timestamp_ms = record.timestamp
+        req.origin = origin
         req.received_at = self._clock()
-        req.raw = value
-        req.key = record.key
-        req.tracker = tracker
         rid = req.request_id
         if rid in self.in_progress or rid in self._sent_ids:
-            self._m.duplicates.inc()
-            self._finished(req)
+            self._outcomes.duplicate(origin)  # the original keeps its in-progress mark
             return
         self.in_progress.add(rid)
+        if self._outcomes.adopt(req):
+            return
         if req.expire_at is not None and req.expire_at <= time.time():
-            self._spawn(self._delivery.expire(req))
+            self._outcomes.expired(req)
             return
         self._lanes.put(req)
 
-    def _finished(self, req: Request) -> None:
-        req.tracker.done(req.offset)
+    def release(self, ending: Ending, finished: bool) -> None:
+        """``release`` for :class:`Outcomes`: the record's ending is written (or abandoned)."""
+        origin = ending.origin
+        if finished:
+            origin.tracker.done(origin.offset)
+        self.buffered -= 1
+        self.buffered_bytes -= origin.size
+        req = ending.request
+        if req is not None:
+            self.in_progress.discard(req.request_id)
+
+    def hand_back(self, req: Request) -> None:
+        """A request of a revoked partition leaves without an ending: the next owner sends it."""
         self.in_progress.discard(req.request_id)
         self.buffered -= 1
-        self.buffered_bytes -= req.size
-
-    def finished(self, req: Request) -> None:
-        """``on_finished`` for Delivery: the record's outputs are acknowledged."""
-        self._finished(req)
-
-    async def _reject(self, tracker: PartitionTracker, record: Any, exc: InvalidMessage) -> None:
-        s = self._s
-        headers = dlq_headers(
-            exc.reason,
-            detail=exc.detail,
-            source=(s.requests_topic, record.partition, record.offset),
-        )
-        result = result_record(
-            request_id=None,
-            status=Status.REJECTED,
-            app_id=None,
-            attempts=0,
-            error={"reason": exc.reason, "message": exc.detail},
-            partition=record.partition,
-            offset=record.offset,
-        )
-        self._m.dlq.labels(exc.reason).inc()
-        self._m.outcomes.labels("none", Status.REJECTED.value).inc()
-        log.warning(
-            "partition %d offset %d rejected: %s",
-            record.partition,
-            record.offset,
-            exc,
-            extra={"partition": record.partition, "offset": record.offset},
-        )
-        futs = [
-            await self._pub.send(
-                s.dlq_topic,
-                record.value,
-                key=record.key,
-                headers=list(record.headers or ()) + headers,
-            ),
-            await self._pub.send(s.results_topic, result, key=record.key),
-        ]
-        acks = await asyncio.gather(*futs, return_exceptions=True)
-        if any(isinstance(a, BaseException) for a in acks):
-            log.error(
-                "partition %d offset %d: DLQ record not written; not committed",
-                record.partition,
-                record.offset,
-            )
-            return
-        tracker.done(record.offset)
-        self.buffered -= 1
-        self.buffered_bytes -= len(record.value) if record.value else 0
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Future[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("intake task failed: %r", task.exception())
+        self.buffered_bytes -= req.origin.size if req.origin is not None else 0
 
     # -- offsets ----------------------------------------------------------
 
     async def commit(self, partitions: set[int] | None = None) -> int:
-        """Commit every tracker's finished prefix. Returns the number committed."""
+        """Commit every tracker's finished prefix. Returns the number committed.
+
+        A partition is committed when its offset moved or when the map of records
+        finished beyond it changed, so a restart skips what is already done.
+        """
         consumer = self.consumer
         if consumer is None:
             return 0
@@ -324,9 +300,11 @@ class Intake:
             if partitions is not None and partition not in partitions:
                 continue
             off = tracker.committable()
-            if off is None or off == tracker.committed:
+            if off is None:
                 continue
             meta = encode_done(off, tracker.finished_beyond())
+            if off == tracker.committed and meta == tracker.committed_meta:
+                continue
             offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(off, meta)
         if not offsets:
             return 0
@@ -337,10 +315,14 @@ class Intake:
                 self._m.commits.labels("failure").inc()
                 log.warning("offset commit failed: %s", exc)
                 return 0
+        now = self._clock()
         for tp, om in offsets.items():
-            done = self.trackers.get(tp.partition)
-            if done is not None:
-                done.committed = om.offset
+            owned = self.trackers.get(tp.partition)
+            if owned is not None:
+                if om.offset != owned.committed:
+                    owned.moved_at = now
+                owned.committed = om.offset
+                owned.committed_meta = om.metadata
         self._m.commits.labels("success").inc()
         return len(offsets)
 
@@ -350,7 +332,26 @@ class Intake:
                 await asyncio.wait_for(self._stopping.wait(), self._s.commit_interval_s)
             await self.commit()
             self._update_lag()
+            self._watch()
             self._share()  # metadata may have been stale at assignment
+
+    def _watch(self) -> None:
+        """The progress watchdog: how long each partition's commit has stood still."""
+        now = self._clock()
+        for partition, tracker in self.trackers.items():
+            if tracker.pending == 0:
+                tracker.moved_at = now  # holds nothing: nothing to wait for
+            self._m.commit_stalled.labels(str(partition)).set(now - tracker.moved_at)
+
+    def stalled(self) -> list[int]:
+        """Partitions whose commit has stood still for ``stall_timeout_s`` while holding records."""
+        now = self._clock()
+        limit = self._s.stall_timeout_s
+        return sorted(
+            p
+            for p, t in self.trackers.items()
+            if t.pending and now - t.moved_at >= limit
+        )
 
     def _update_lag(self) -> None:
         consumer = self.consumer
@@ -371,22 +372,30 @@ class Intake:
     # -- rebalance --------------------------------------------------------
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
+        """Hand back what lanes hold, let sends and writes end within a bound, commit."""
         parts = {tp.partition for tp in revoked if tp.topic == self._s.requests_topic}
         if not parts:
             return
+        started = self._clock()
         for p in parts:
             if p in self.trackers:
                 self.trackers[p].revoked = True
         dropped = 0
         for lane in list(self._lanes.lanes.values()):
             for req in lane.drop(lambda r: r.partition not in parts):
-                self._finished_without_commit(req)
+                self.hand_back(req)
                 dropped += 1
-        await self._lanes.wait_in_flight(self._s.shutdown_timeout_s)
+        # the bound must fit inside the group's rebalance timeout
+        bound = self._s.revoke_timeout_s
+        await self._lanes.wait_in_flight(bound, partitions=parts)
+        left = bound - (self._clock() - started)
+        await self._outcomes.settle(parts, left)
         await self.commit(parts)
         for p in parts:
             self.trackers.pop(p, None)
             self._m.lag.remove(str(p))  # another member reports it now
+            with contextlib.suppress(KeyError):
+                self._m.commit_stalled.remove(str(p))
         log.info("partitions %s revoked (%d queued records handed back)", sorted(parts), dropped)
         self.assigned = bool(self.trackers)
         self._share()
@@ -400,29 +409,32 @@ class Intake:
         if total:
             self._on_share(len(self.trackers), total)
 
-    def _finished_without_commit(self, req: Request) -> None:
-        self.in_progress.discard(req.request_id)
-        self.buffered -= 1
-        self.buffered_bytes -= req.size
-
     async def assign(self, assigned: set[TopicPartition]) -> None:
         consumer = self.consumer
+        now = self._clock()
         for tp in assigned:
             if tp.topic != self._s.requests_topic:
                 continue
             tracker = PartitionTracker(tp.partition)
+            tracker.moved_at = now
             if consumer is not None:
                 committed = await self._committed(consumer, tp)
                 if committed is not None:
                     tracker.committed = committed.offset
+                    tracker.committed_meta = committed.metadata or ""
                     tracker.skip = decode_done(committed.offset, committed.metadata)
             self.trackers[tp.partition] = tracker
         self.assigned = bool(self.trackers)
+        self.joined = True
+        if self.paused and consumer is not None:
+            # aiokafka resumes every partition after a rebalance; the budget still holds
+            consumer.pause(*consumer.assignment())
+            self._m.paused_partitions.set(len(consumer.assignment()))
         self._share()
         log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
 
     @staticmethod
-    async def _committed(consumer: AIOKafkaConsumer, tp: TopicPartition) -> Any:
+    async def _committed(consumer: Any, tp: TopicPartition) -> Any:
         # aiokafka's public committed() drops the metadata; the coordinator keeps it.
         coordinator = getattr(consumer, "_coordinator", None)
         if coordinator is None:

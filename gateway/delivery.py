@@ -1,10 +1,15 @@
-"""Drives one request to a terminal outcome: sent, failed, expired or rejected.
+"""Drives one request to a terminal outcome: sent, failed, expired.
 
 One call of :meth:`Delivery.attempt` is one try. A retriable answer puts the
 request back in its lane with a due time (so it takes rate-limit slots again and
-never blocks the partition); a terminal one writes the result (and the DLQ
-record) and, once Kafka has acknowledged them, calls ``on_finished`` so the
-offset can be committed.
+never blocks the partition); a terminal one hands the request to
+:class:`~gateway.outcomes.Outcomes`, which writes what it must and finishes it.
+
+Refusals are held at the scope that caused them: a record that named its own
+region or project and was refused fails alone; an app that Sinch does not know
+(404) or refuses (403) holds its lane; a project refused (a project-wide 403,
+or 403s from two apps at once) or credentials refused (401 after a renewal)
+hold all sending, with ``/readyz`` false, and nothing is dead-lettered for it.
 """
 
 from __future__ import annotations
@@ -14,28 +19,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import orjson
-
-from gateway.envelope import Request, Status, result_record
-from gateway.errors import AuthError, SinchError, TransportError
+from gateway.envelope import Request, correlation_for
+from gateway.errors import AuthError, GatewayError, SinchError, TransportError
 from gateway.retry import Action, Decision, backoff_s, classify
 from gateway.settings import Settings
 from gateway.sinch import SinchClient
 from gateway.tokens import TokenSource
 
 if TYPE_CHECKING:
-    from gateway.dedupe import RecentIds
     from gateway.lanes import Lane
     from gateway.metrics import Metrics
-    from gateway.producer import Headers, Publisher
+    from gateway.outcomes import Outcomes
 
 log = logging.getLogger(__name__)
-
-# (topic, value, headers, key); key None means the request_id
-Output = tuple[str, bytes | None, "Headers | None", bytes | None]
-
 
 class RateFeedback(Protocol):
     """Told about every answer so that buckets can adapt to the real limits."""
@@ -51,32 +49,6 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx"
 
 
-def dlq_headers(
-    reason: str,
-    *,
-    http_status: int | None = None,
-    attempts: int = 0,
-    first_error_at: float | None = None,
-    last_error_at: float | None = None,
-    detail: str = "",
-    source: tuple[str, int, int] | None = None,
-) -> Headers:
-    headers: Headers = [("gateway.reason", reason.encode())]
-    if detail:
-        headers.append(("gateway.detail", detail[:512].encode()))
-    if http_status is not None:
-        headers.append(("gateway.http_status", str(http_status).encode()))
-    headers.append(("gateway.attempts", str(attempts).encode()))
-    if first_error_at is not None:
-        headers.append(("gateway.first_error_time", f"{first_error_at:.3f}".encode()))
-    if last_error_at is not None:
-        headers.append(("gateway.last_error_time", f"{last_error_at:.3f}".encode()))
-    if source is not None:
-        topic, partition, offset = source
-        headers.append(("gateway.source", f"{topic}/{partition}/{offset}".encode()))
-    return headers
-
-
 class Delivery:
     """Attempts sends and turns their answers into outcomes."""
 
@@ -86,33 +58,31 @@ class Delivery:
         settings: Settings,
         sinch: SinchClient,
         tokens: TokenSource,
-        publisher: Publisher,
+        outcomes: Outcomes,
         metrics: Metrics,
-        sent_ids: RecentIds,
         clock: Callable[[], float],
-        on_finished: Callable[[Request], None],
         feedback: RateFeedback | None = None,
-        on_auth_refused: Callable[[str], None] | None = None,
+        on_hold: Callable[[str, str], None] | None = None,
         on_sent: Callable[[str, str], None] | None = None,
     ) -> None:
         self._s = settings
         self._sinch = sinch
         self._tokens = tokens
-        self._pub = publisher
+        self._outcomes = outcomes
         self._m = metrics
-        self._sent_ids = sent_ids
         self._clock = clock
-        self._on_finished = on_finished
         self.feedback = feedback
-        self._on_auth_refused = on_auth_refused
+        self._on_hold = on_hold
         self._on_sent = on_sent
         self.app_pause_s = 30.0
-        self.auth_hold_until = 0.0
+        self.hold_until = 0.0  # all sending held (credentials or project refused)
+        self.hold_reason = ""
+        self._forbidden: dict[str, float] = {}  # app_id -> time of its last 403
 
     async def gate(self) -> None:
-        """Wait until sending may go on: credentials accepted and a token at hand."""
+        """Wait until sending may go on: nothing held and a token at hand."""
         while True:
-            hold = self.auth_hold_until - self._clock()
+            hold = self.hold_until - self._clock()
             if hold > 0:
                 await asyncio.sleep(hold)
                 continue
@@ -122,16 +92,29 @@ class Delivery:
             except AuthError:
                 await asyncio.sleep(min(1.0, self._s.backoff_base_s))
 
+    def held(self) -> str | None:
+        """Why all sending is held now, or None."""
+        return self.hold_reason if self.hold_until > self._clock() else None
+
     async def attempt(self, req: Request, lane: Lane) -> None:
-        s = self._s
+        """One try. Never raises: whatever happens, the request is retried or ends."""
         req.attempts += 1
+        started = self._clock()
+        try:
+            await self._try(req, lane, started)
+        except Exception as exc:
+            log.exception("request_id=%s: unexpected error; retrying", req.request_id)
+            await self._after_error(req, lane, exc, Decision(Action.RETRY, "internal_error"), "")
+
+    async def _try(self, req: Request, lane: Lane, started: float) -> None:
+        s = self._s
         header = ""
         status: int | None = None
-        started = self._clock()
+        region = req.region or s.app_region(req.app_id)
         try:
             header = await self._tokens.authorization()
             accepted = await self._sinch.send(
-                region=req.region or s.app_region(req.app_id),
+                region=region,
                 project_id=req.project_id or s.project_id,
                 body=req.body(time.time()),
                 authorization=header,
@@ -144,7 +127,14 @@ class Delivery:
                 self._m.sinch_latency.observe(self._clock() - started)
             if self.feedback is not None:
                 self.feedback.on_answer(lane, status)
-            decision = classify(exc, retry_in_doubt=s.retry_in_doubt, renewed=req.renewed)
+            decision = classify(
+                exc,
+                retry_in_doubt=s.retry_in_doubt,
+                renewed=req.renewed,
+                max_delay_s=s.backoff_max_s,
+                own_region=req.region is not None and req.region != s.app_region(req.app_id),
+                own_project=req.project_id is not None and req.project_id != s.project_id,
+            )
             await self._after_error(req, lane, exc, decision, header)
             return
         now = self._clock()
@@ -152,42 +142,26 @@ class Delivery:
         self._m.sinch_latency.observe(now - started)
         if self.feedback is not None:
             self.feedback.on_answer(lane, 200)
-        if req.timestamp_ms:
-            self._m.e2e.observe(max(0.0, time.time() - req.timestamp_ms / 1000))
-        self._sent_ids.add(req.request_id)
-        own = req.payload.get("correlation_id")
-        if self._on_sent is not None and own and own != req.request_id:
-            # delivery reports carry the correlation_id; only a producer's own one
-            # needs the message_id -> request_id map to find the request
-            self._on_sent(req.request_id, accepted.message_id)
-        record = result_record(
-            request_id=req.request_id,
-            status=Status.SENT,
-            app_id=req.app_id,
-            attempts=req.attempts,
-            http_status=200,
+        origin = req.origin
+        if origin is not None and origin.timestamp_ms:
+            self._m.e2e.observe(max(0.0, time.time() - origin.timestamp_ms / 1000))
+        rid = req.request_id
+        if (
+            self._on_sent is not None
+            and accepted.message_id is not None
+            and correlation_for(rid, req.payload.get("correlation_id")) != rid
+        ):
+            # delivery reports carry the correlation_id; only when it is not the
+            # request_id itself does the message_id -> request_id map find the request
+            self._on_sent(rid, accepted.message_id)
+        self._outcomes.sent(
+            req,
             message_id=accepted.message_id,
             accepted_time=accepted.accepted_time,
             timings={
                 "queued_s": round(started - req.received_at, 6),
                 "sinch_s": round(now - started, 6),
             },
-            partition=req.partition,
-            offset=req.offset,
-        )
-        status_doc = orjson.dumps(
-            {
-                "request_id": req.request_id,
-                "message_id": accepted.message_id,
-                "status": "sent",
-                "app_id": req.app_id,
-                "event_time": accepted.accepted_time,
-            }
-        )
-        await self._finish(
-            req,
-            Status.SENT,
-            [(s.results_topic, record, None, None), (s.status_topic, status_doc, None, None)],
         )
 
     async def _after_error(
@@ -201,10 +175,12 @@ class Delivery:
         action = decision.action
         if isinstance(exc, TransportError) and exc.in_doubt:
             self._m.in_doubt.inc()
+        if action is Action.PAUSE_APP and isinstance(exc, SinchError) and exc.status == 403:
+            action = self._forbidden_app(req.app_id, now)
         if action is Action.RETRY:
             elapsed = now - req.received_at
             if req.attempts >= self._s.max_attempts or elapsed >= self._s.max_retry_time_s:
-                await self.fail(req, "retries_exhausted", exc)
+                self.fail(req, "retries_exhausted", exc)
                 return
             delay = decision.retry_after_s
             if delay is None:
@@ -223,7 +199,7 @@ class Delivery:
             lane.put_retry(req, now)
         elif action is Action.PAUSE_APP:
             if now - req.received_at >= self._s.max_retry_time_s:
-                await self.fail(req, decision.reason, exc)  # still refused: give up on it
+                self.fail(req, decision.reason, exc)  # still refused: give up on it
                 return
             req.attempts -= 1
             if lane.paused_until <= now:
@@ -236,80 +212,43 @@ class Delivery:
                 )
             lane.pause(now + min(self.app_pause_s, self._s.max_retry_time_s), decision.reason)
             lane.put_retry(req, now)
-        elif action is Action.PAUSE_AUTH:
-            # credentials refused even with a fresh token: hold every lane, not the DLQ
+        elif action in (Action.PAUSE_AUTH, Action.PAUSE_PROJECT):
+            # refused for every app: hold all sending, never dead-letter for it
             req.attempts -= 1
             req.renewed = False
-            if self.auth_hold_until <= now:
-                self.auth_hold_until = now + self._s.backoff_max_s
-                if self._on_auth_refused is not None:
-                    self._on_auth_refused(decision.reason)
-                with contextlib.suppress(AuthError):
-                    await self._tokens.renew(header)
+            reason = "project_refused" if action is Action.PAUSE_PROJECT else decision.reason
+            if self.hold_until <= now:
+                self.hold_until = now + self._s.backoff_max_s
+                self.hold_reason = reason
+                if self._on_hold is not None:
+                    self._on_hold("project" if action is Action.PAUSE_PROJECT else "auth", reason)
+                if action is Action.PAUSE_AUTH:
+                    with contextlib.suppress(AuthError):
+                        await self._tokens.renew(header)
             lane.put_retry(req, now)
         else:
-            await self.fail(req, decision.reason, exc)
+            self.fail(req, decision.reason, exc)
 
-    async def fail(self, req: Request, reason: str, exc: Exception | None) -> None:
+    def _forbidden_app(self, app_id: str, now: float) -> Action:
+        """A 403 for one app; the same from a second app at once means the project."""
+        forbidden = self._forbidden
+        forbidden[app_id] = now
+        for other, at in list(forbidden.items()):
+            if now - at > self.app_pause_s:
+                del forbidden[other]
+        return Action.PAUSE_PROJECT if len(forbidden) >= 2 else Action.PAUSE_APP
+
+    def fail(self, req: Request, reason: str, exc: Exception | None) -> None:
         """Terminal failure: the original record to the DLQ and a ``failed`` result."""
         status = exc.status if isinstance(exc, SinchError) else None
-        error: Any = exc.error if isinstance(exc, SinchError) else {"message": str(exc or reason)}
-        s = self._s
-        headers = dlq_headers(
-            reason,
-            http_status=status,
-            attempts=req.attempts,
-            first_error_at=req.first_error_at,
-            last_error_at=req.last_error_at,
-            detail=orjson.dumps(error).decode() if error else "",
-            source=(s.requests_topic, req.partition, req.offset),
-        )
-        self._m.dlq.labels(reason).inc()
-        record = result_record(
-            request_id=req.request_id,
-            status=Status.FAILED,
-            app_id=req.app_id,
-            attempts=req.attempts,
-            http_status=status,
-            error=error,
-            partition=req.partition,
-            offset=req.offset,
-        )
-        log.warning("request_id=%s failed: %s", req.request_id, reason)
-        await self._finish(
-            req,
-            Status.FAILED,
-            [(s.dlq_topic, req.raw, headers, req.key), (s.results_topic, record, None, None)],
-        )
+        error: object
+        if isinstance(exc, SinchError):
+            error = exc.error
+        elif isinstance(exc, GatewayError):
+            error = {"message": str(exc)}
+        else:  # an unexpected error's text may hold anything: its type only
+            error = {"message": type(exc).__name__ if exc else reason}
+        self._outcomes.failed(req, reason, http_status=status, error=error)
 
-    async def expire(self, req: Request) -> None:
-        record = result_record(
-            request_id=req.request_id,
-            status=Status.EXPIRED,
-            app_id=req.app_id,
-            attempts=req.attempts,
-            error={"message": "expire_at passed before sending"},
-            partition=req.partition,
-            offset=req.offset,
-        )
-        await self._finish(req, Status.EXPIRED, [(self._s.results_topic, record, None, None)])
-
-    async def _finish(self, req: Request, status: Status, records: list[Output]) -> None:
-        futures = []
-        for topic, value, headers, key in records:
-            key = key if key is not None else req.request_id.encode()
-            futures.append(await self._pub.send(topic, value, key=key, headers=headers))
-        acks = await asyncio.gather(*futures, return_exceptions=True)
-        failed = next((a for a in acks if isinstance(a, BaseException)), None)
-        if failed is not None:
-            # the record stays unfinished, so its offset is never committed: after a
-            # restart or rebalance it is read and sent again (at-least-once)
-            log.error(
-                "request_id=%s: Kafka did not take its %s record (%s); not committed",
-                req.request_id,
-                status.value,
-                type(failed).__name__,
-            )
-            return
-        self._m.outcomes.labels(self._m.app_label(req.app_id), status.value).inc()
-        self._on_finished(req)
+    def expire(self, req: Request) -> None:
+        self._outcomes.expired(req)

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import InvalidMessage
+from gateway.offsets import Origin
 
 REGIONS = frozenset({"us", "eu", "br"})
 MESSAGE_KINDS = frozenset(
@@ -70,21 +71,20 @@ class Request:
     expire_at: float | None = None  # unix seconds
     priority: Priority = Priority.NORMAL
     channel: str | None = None
-    # bookkeeping, filled by the gateway
-    partition: int = -1
-    offset: int = -1
-    timestamp_ms: int = 0
     size: int = 0
+    # the delivery's own state
     attempts: int = 0
     first_error_at: float | None = None
     last_error_at: float | None = None
     received_at: float = 0.0
     renewed: bool = False
-    raw: bytes = b""
-    key: bytes | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
-    tracker: Any = None
+    # the record it was read from (None for a request built in code)
+    origin: Origin | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def partition(self) -> int:
+        return self.origin.partition if self.origin is not None else -1
 
     def body(self, now: float) -> bytes:
         """The SendMessageRequest to POST, with the gateway-owned fields filled in.
@@ -238,6 +238,28 @@ def decode(value: bytes | None, *, max_bytes: int) -> Request:
         priority=priority,
         channel=channel,
         size=len(value),
+    )
+
+
+def peek_ids(value: bytes | None, *, max_bytes: int) -> tuple[str | None, str | None]:
+    """``(request_id, app_id)`` as far as they can be read from a record that failed to decode.
+
+    A rejected result carries them so that the producer can tell which request it was.
+    """
+    if not value or len(value) > max_bytes:
+        return None, None
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    rid = doc.get("request_id")
+    payload = doc.get("payload")
+    app = payload.get("app_id") if isinstance(payload, dict) else None
+    return (
+        rid if isinstance(rid, str) and 0 < len(rid) <= MAX_REQUEST_ID else None,
+        app if isinstance(app, str) and app else None,
     )
 
 

@@ -10,6 +10,9 @@ waiting for the answer: lanes never block each other, and one lane can have
 
 Memory is bounded by the intake's record budget, not here: lanes accept what
 intake gives them.
+
+A request of a revoked partition is never sent: the worker checks once its
+slots are granted and hands it back instead (the partition's next owner sends it).
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class Lanes:
         expired: Callable[[Request], bool] | None = None,
         on_expired: Callable[[Request], None] | None = None,
         gate: Callable[[], Awaitable[None]] | None = None,
+        hand_back: Callable[[Request], None] | None = None,
     ) -> None:
         self.project_bucket = project_bucket
         self._make_app_bucket = make_app_bucket
@@ -154,8 +158,9 @@ class Lanes:
         self._expired = expired
         self._on_expired = on_expired
         self._gate = gate
+        self._hand_back = hand_back
         self.lanes: dict[str, Lane] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], int] = {}  # send task -> partition
         self._closed = False
         self.in_flight = 0
 
@@ -192,16 +197,27 @@ class Lanes:
             waited = await acquire(buckets, clock)
             if self._on_wait is not None:
                 self._on_wait(waited)
+            origin = req.origin
+            if origin is not None and origin.tracker.revoked:
+                self._in_flight.release()
+                if self._hand_back is not None:
+                    self._hand_back(req)
+                continue
             self.in_flight += 1
             task = asyncio.create_task(self._send(req, lane))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks[task] = req.partition
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     async def _send(self, req: Request, lane: Lane) -> None:
         try:
             await self._sender(req, lane)
         except Exception:
-            log.exception("sender failed for request_id=%s", req.request_id)
+            # never lose a request: it goes back to its lane and takes a slot again
+            log.exception("sender failed for request_id=%s; retrying it", req.request_id)
+            lane.put_retry(req, self._clock() + 1.0)
         finally:
             self.in_flight -= 1
             self._in_flight.release()
@@ -215,11 +231,12 @@ class Lanes:
         for lane in self.lanes.values():
             lane.worker = None
 
-    async def wait_in_flight(self, timeout: float) -> bool:
-        """Wait until every started send has finished; False on timeout."""
-        if not self._tasks:
+    async def wait_in_flight(self, timeout: float, partitions: set[int] | None = None) -> bool:
+        """Wait until every started send (of ``partitions``) has finished; False on timeout."""
+        tasks = {t for t, p in self._tasks.items() if partitions is None or p in partitions}
+        if not tasks:
             return True
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
         return not pending
 
     async def close(self) -> None:

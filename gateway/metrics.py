@@ -177,7 +177,8 @@ class Metrics:
         )
         self.sending_paused = Gauge(
             "gateway_sending_paused",
-            "Sending held: scope 'auth' is 1 while Sinch refuses the credentials; "
+            "Sending held: scope 'auth' is 1 while Sinch refuses the credentials, "
+            "scope 'project' while it refuses the project; "
             "scope 'app' counts the app lanes held after an app-level refusal.",
             ["scope"],
             registry=r,
@@ -188,10 +189,38 @@ class Metrics:
             ["trigger", "result"],
             registry=r,
         )
+        self.webhook_nonces = Gauge(
+            "gateway_webhook_nonce_cache_entries",
+            "Nonces the webhook remembers against replays (at most webhook_nonce_cache_size).",
+            registry=r,
+        )
         self.commits = Counter(
             "gateway_offset_commits", "Offset commits, by result.", ["result"], registry=r
         )
         self.ready = Gauge("gateway_ready", "1 when /readyz answers 200.", registry=r)
+        self.outcome_write_failures = Counter(
+            "gateway_outcome_write_failures",
+            "Result, status or DLQ records Kafka refused (each is retried), by topic.",
+            ["topic"],
+            registry=r,
+        )
+        self.outcome_writes_failing = Gauge(
+            "gateway_outcome_writes_failing",
+            "Records whose outputs Kafka refuses now; their partitions commit nothing past them.",
+            registry=r,
+        )
+        self.outcome_oldest_failure = Gauge(
+            "gateway_outcome_oldest_failure_seconds",
+            "Seconds since the oldest refused output write still being retried first failed.",
+            registry=r,
+        )
+        self.commit_stalled = Gauge(
+            "gateway_partition_commit_stalled_seconds",
+            "Seconds the committed offset of a partition has stood still while the partition "
+            "holds records (0 when it moves or holds none).",
+            ["partition"],
+            registry=r,
+        )
 
         # Children of fixed label sets exist from the start at 0, so that rate()
         # and increase() also count the first event of a series.
@@ -200,5 +229,5 @@ class Metrics:
         for result in ("success", "failure"):
             self.token_refreshes.labels(result)
             self.commits.labels(result)
-        for scope in ("auth", "app"):
+        for scope in ("auth", "project", "app"):
             self.sending_paused.labels(scope)

@@ -13,14 +13,49 @@ from __future__ import annotations
 import base64
 import zlib
 from collections import deque
+from dataclasses import dataclass
 
 _META_PREFIX = "gw1:"
+
+
+@dataclass(slots=True, eq=False)
+class Origin:
+    """Where one record came from, and what it was: what its outcome needs to end it.
+
+    The tracker is the partition's at the time the record was read: after a
+    revocation it is marked revoked, and finishing the record there commits nothing.
+    """
+
+    tracker: PartitionTracker
+    offset: int
+    key: bytes | None = None
+    value: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int = 0
+
+    @property
+    def partition(self) -> int:
+        return self.tracker.partition
+
+    @property
+    def size(self) -> int:
+        return len(self.value) if self.value else 0
 
 
 class PartitionTracker:
     """Offsets read from one partition and which of them are finished."""
 
-    __slots__ = ("_done", "_last", "_pending", "committed", "partition", "revoked", "skip")
+    __slots__ = (
+        "_done",
+        "_last",
+        "_pending",
+        "committed",
+        "committed_meta",
+        "moved_at",
+        "partition",
+        "revoked",
+        "skip",
+    )
 
     def __init__(self, partition: int, committed: int | None = None) -> None:
         self.partition = partition
@@ -28,6 +63,8 @@ class PartitionTracker:
         self._done: set[int] = set()
         self._last: int | None = None
         self.committed = committed
+        self.committed_meta = ""  # the metadata committed with it
+        self.moved_at = 0.0  # clock time the committed offset last moved (the watchdog)
         self.revoked = False
         self.skip: set[int] = set()  # finished before a restart, from commit metadata
 
