@@ -217,13 +217,6 @@ class Settings:
     outcome_stuck_s: float = 30.0
     # a partition whose committed offset stands still this long while it holds records
     stall_timeout_s: float = 300.0
-    # a revocation hands back queued work and waits this long for sends and writes;
-    # the consumer's rebalance timeout is set above it
-    revoke_timeout_s: float = 5.0
-    # a record whose outputs Kafka refuses for this long makes /readyz false
-    outcome_stuck_s: float = 30.0
-    # a partition whose committed offset stands still this long while it holds records
-    stall_timeout_s: float = 300.0
 
     # HTTP server and webhooks
     http_host: str = "0.0.0.0"
