@@ -20,6 +20,7 @@ from sinch.domains.conversation.sinch_events.v1.conversation_sinch_event import 
 
 from gateway.simulator import cli
 from gateway.simulator.callbacks import Stamper, sign
+from gateway.simulator.ingress import IngressQueue
 from gateway.simulator.server import SIMULATOR_KEY, make_app
 from gateway.simulator.settings import SimulatorSettings, patch
 from gateway.simulator.windows import LeakyQueue, SlidingWindow
@@ -121,6 +122,11 @@ def assert_error(data: Any, code: int, status: str) -> None:
         ({"port": 70000}, "port"),
         ({"callback_url": "ftp://x"}, "callback_url"),
         ({"app_rates": {"a": -1}}, "app_rates['a']"),
+        ({"drain_factors": {"a": 0}}, "drain_factors['a']"),
+        ({"processing_mode": "BATCH"}, "processing_mode"),
+        ({"processing_modes": {"a": "BATCH"}}, "processing_modes['a']"),
+        ({"queue_size": 0}, "queue_size"),
+        ({"max_request_bytes": 10}, "max_request_bytes"),
     ],
 )
 def test_settings_reject_bad_values_naming_the_field(overrides: dict[str, Any], field: str) -> None:
@@ -137,6 +143,54 @@ def test_patch_merges_app_rates_and_rejects_unknown_keys() -> None:
         patch(base, {"host": "0.0.0.0"})
     with pytest.raises(ValueError, match="strict"):
         patch(base, {"strict": 1})
+
+
+def test_patch_merges_drain_factors_and_modes() -> None:
+    base = SimulatorSettings(app_rate=20, drain_factors={"a": 0.5})
+    changed = patch(
+        base,
+        {
+            "drain_factors": {"a": None, "b": 0.25},
+            "processing_modes": {"b": "CONVERSATION"},
+            "project_forbidden": True,
+            "queue_size": 10,
+        },
+    )
+    assert changed.drain_factors == {"b": 0.25}
+    assert changed.drain_rate("a") == 20.0
+    assert changed.drain_rate("b") == 5.0
+    assert changed.processing_mode_of("b") == "CONVERSATION"
+    assert changed.processing_mode_of("a") == "DISPATCH"
+    assert changed.project_forbidden
+    assert changed.queue_size == 10
+    for bad, field in (
+        ({"processing_modes": {"b": "X"}}, "processing_modes['b']"),
+        ({"drain_factors": {"b": "fast"}}, "drain_factors['b']"),
+        ({"queue_size": 2.5}, "queue_size"),
+        ({"project_forbidden": 1}, "project_forbidden"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(field)):
+            patch(base, bad)
+
+
+def test_ingress_queue_lets_tracked_messages_out_in_order() -> None:
+    queue = IngressQueue("a", 0.0)
+    assert queue.push("m1")  # the queue just got its first tracked message
+    assert not queue.push("m2")
+    assert not queue.push()  # untracked: counts in the depth only
+    queue.push("m4")
+    assert queue.size(0.0, 2.0) == 4
+    assert queue.next_departure(0.0, 2.0) == pytest.approx(0.5)
+    assert queue.leave(0.49, 2.0) == []
+    assert queue.leave(0.5, 2.0) == ["m1"]
+    assert queue.size(0.5, 2.0) == 3
+    assert queue.next_departure(0.5, 2.0) == pytest.approx(1.0)
+    assert queue.leave(1.6, 2.0) == ["m2"]  # 3.2 drained: m4 leaves at 4
+    assert queue.size(1.6, 2.0) == 1  # a partly drained message still waits
+    assert queue.next_departure(1.6, 4.0) == pytest.approx(1.8)  # at a new rate
+    assert queue.leave(1.8, 4.0) == ["m4"]
+    assert queue.size(1.8, 4.0) == 0
+    assert queue.next_departure(1.8, 4.0) is None
 
 
 def test_sliding_window_is_exact() -> None:
@@ -313,7 +367,9 @@ async def test_strict_mode_429_over_the_app_rate(sim: SimFactory) -> None:
     assert [r[0] for r in results] == [200] * 5 + [429, 429]
     _, data, headers = results[5]
     assert_error(data, 429, "RESOURCE_EXHAUSTED")
-    assert data["error"]["details"] == []
+    assert data["error"]["details"] == [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}
+    ]
     assert headers["Retry-After"] == "1"
     assert (await send(client, token, app_id="app-2"))[0] == 200  # other apps unaffected
     counters = await stats(client)
@@ -568,7 +624,10 @@ async def test_callbacks_are_signed_and_sdk_parsable(
 ) -> None:
     receiver = Receiver("s3cret")
     client = await sim(
-        callback_url=await receiver_url(receiver), callback_secret="s3cret", callback_delay_s=0.05
+        callback_url=await receiver_url(receiver),
+        callback_secret="s3cret",
+        callback_delay_s=0.05,
+        processing_modes={"app-1": "CONVERSATION"},
     )
     token = await get_token(client)
     status, data, _ = await send(client, token, correlation_id="req-1", message_metadata="meta")
@@ -593,6 +652,8 @@ async def test_callbacks_are_signed_and_sdk_parsable(
     assert dr["message_id"] == data["message_id"]
     assert dr["channel_identity"] == {"channel": "SMS", "identity": "46701", "app_id": "app-1"}
     assert dr["processing_mode"] == "CONVERSATION"
+    assert dr["contact_id"]
+    assert dr["conversation_id"]
     assert type(receiver.events[0]["parsed"]).__name__ == "MessageDeliveryReceiptEvent"
     assert all(receiver.valid)
 
@@ -651,8 +712,11 @@ async def test_callback_queue_full_drops_without_slowing_sends(
     token = await get_token(client)
     for _ in range(6):
         assert (await send(client, token))[0] == 200
-    counts = (await stats(client))["callbacks"]
-    assert counts["dropped"] >= 6
+
+    async def dropped() -> bool:
+        return bool((await stats(client))["callbacks"]["dropped"] >= 6)
+
+    await wait_for(dropped)  # as the messages leave the ingress queue
     receiver.gate.set()
     resp = await client.post("/_sim/inbound", json={"app_id": "a", "text": "t"})
     assert resp.status in (200, 503)
@@ -705,6 +769,12 @@ def test_cli_flags_to_settings() -> None:
             "0.1",
             "--callback-url",
             "http://x/y",
+            "--drain-factors",
+            "a1:0.5",
+            "--processing-modes",
+            "a2:CONVERSATION",
+            "--max-request-bytes",
+            "2048",
         ]
     )
     settings = cli.settings_from_args(ns)
@@ -715,7 +785,21 @@ def test_cli_flags_to_settings() -> None:
     assert settings.app_rates == {"a1": 50.0}
     assert settings.error_rate == 0.1
     assert settings.callback_url == "http://x/y"
+    assert settings.drain_factors == {"a1": 0.5}
+    assert settings.processing_modes == {"a2": "CONVERSATION"}
+    assert settings.processing_mode_of("a1") == "DISPATCH"
+    assert settings.max_request_bytes == 2048
+    assert (
+        cli.settings_from_args(
+            parser.parse_args(["--processing-mode", "CONVERSATION"])
+        ).processing_mode_of("a1")
+        == "CONVERSATION"
+    )
     assert cli.settings_from_args(parser.parse_args([])) == SimulatorSettings()
+    with pytest.raises(ValueError, match=re.escape("processing_modes['a1']")):
+        cli.settings_from_args(parser.parse_args(["--processing-modes", "a1:BATCH"]))
+    with pytest.raises(ValueError, match="--drain-factors"):
+        cli.settings_from_args(parser.parse_args(["--drain-factors", "a1:slow"]))
     with pytest.raises(ValueError, match="--apps"):
         cli.settings_from_args(parser.parse_args(["--apps", "a1:asia"]))
     with pytest.raises(ValueError, match="error_rate"):
@@ -749,3 +833,287 @@ async def test_cli_start_returns_the_bound_port() -> None:
         assert app[SIMULATOR_KEY].settings.port == 0
     finally:
         await runner.cleanup()
+
+
+# -- ingress queue, app resource, field limits, faults, processing modes ---------------
+
+APP = "/us/v1/projects/demo-project/apps/"
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+
+
+async def get_app(
+    client: Client, app_id: str = "app-1", token: str | None = None, path: str = APP
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {"Authorization": BASIC}
+    resp = await client.get(path + app_id, headers=headers)
+    return resp.status, await resp.json()
+
+
+async def queued(client: Client, app_id: str = "app-1") -> int:
+    status, data = await get_app(client, app_id)
+    assert status == 200
+    return int(data["queue_stats"]["outbound_size"])
+
+
+async def test_queue_mode_accepts_above_the_rate_and_429s_only_when_full(sim: SimFactory) -> None:
+    # The queue drains at 0.001 msg/s: nothing leaves while the test runs.
+    client = await sim(app_rate=1.0, queue_size=30, drain_factors={"app-1": 0.001})
+    token = await get_token(client)
+    statuses = [(await send(client, token))[0] for _ in range(30)]
+    assert statuses == [200] * 30  # 30 sends in well under a second at 1/s: all queued
+    status, data, headers = await send(client, token)
+    assert status == 429
+    assert_error(data, 429, "RESOURCE_EXHAUSTED")
+    assert data["error"]["message"] == "App ingress queue is full."
+    (hint,) = data["error"]["details"]
+    assert hint["@type"] == RETRY_INFO
+    assert hint["retryDelay"] == f"{headers['Retry-After']}s"
+    assert int(headers["Retry-After"]) > 900  # one message drains in 1000 s
+    assert (await send(client, token, app_id="app-2"))[0] == 200  # other apps unaffected
+    counters = await stats(client)
+    assert counters["rejected_429"] == {"total": 1, "project": 0, "app": 1, "basic": 0}
+    assert counters["queue_size_by_app"] == {"app-1": 30, "app-2": 1}
+    status, resource = await get_app(client, token=token)
+    assert status == 200
+    assert resource["queue_stats"] == {"outbound_size": 30, "outbound_limit": 30}
+
+
+async def test_get_app_reports_rate_limits_and_a_live_queue(sim: SimFactory) -> None:
+    client = await sim(app_rate=20, drain_factors={"app-1": 0.001})
+    token = await get_token(client)
+    status, resource = await get_app(client, token=token)
+    assert status == 200
+    assert resource["id"] == "app-1"
+    assert resource["processing_mode"] == "DISPATCH"
+    assert resource["rate_limits"] == {"outbound": 20, "inbound": 20, "webhooks": 25}
+    assert resource["queue_stats"] == {"outbound_size": 0, "outbound_limit": 500_000}
+
+    for _ in range(10):
+        assert (await send(client, token))[0] == 200
+    assert await queued(client) == 10  # reported 20/s, really drains at 0.02/s
+
+    resp = await client.post("/_sim/config", json={"app_rates": {"app-1": 5}})
+    assert resp.status == 200
+    status, resource = await get_app(client, token=token)
+    assert resource["rate_limits"]["outbound"] == 5
+    assert resource["queue_stats"]["outbound_size"] == 10
+
+    # The real drain catches up with a fast rate: the queue empties.
+    await client.post(
+        "/_sim/config", json={"drain_factors": {"app-1": None}, "app_rates": {"app-1": 1000}}
+    )
+
+    async def empty() -> bool:
+        return await queued(client) == 0
+
+    await wait_for(empty)
+    assert (await stats(client))["app_reads"] >= 4
+
+
+async def test_get_app_auth_region_project_and_cap(sim: SimFactory) -> None:
+    client = await sim(apps={"app-us": "us", "app-eu": "eu"}, project_rate=3)
+    resp = await client.get(APP + "app-us")
+    assert resp.status == 401
+    assert_error(await resp.json(), 401, "UNAUTHENTICATED")
+    status, data = await get_app(client, "app-us", token="not-a-token")
+    assert status == 401
+    status, data = await get_app(client, "app-us", path="/eu/v1/projects/demo-project/apps/")
+    assert status == 404
+    assert_error(data, 404, "NOT_FOUND")
+    status, data = await get_app(client, "ghost")
+    assert (status, data["error"]["status"]) == (404, "NOT_FOUND")
+    status, data = await get_app(client, "app-us", path="/us/v1/projects/other/apps/")
+    assert (status, data["error"]["status"]) == (404, "NOT_FOUND")
+    status, data = await get_app(client, "app-eu", path="/eu/v1/projects/demo-project/apps/")
+    assert status == 200
+    assert data["id"] == "app-eu"
+    # Reads count toward the project's requests per second, as on Sinch.
+    assert (await get_app(client, "app-us", path="/v1/projects/demo-project/apps/"))[0] == 200
+    status, data, _ = await send(client, await get_token(client), app_id="app-us")
+    assert status == 200
+    status, data = await get_app(client, "app-us")
+    assert status == 429
+    assert data["error"]["details"][0]["@type"] == RETRY_INFO
+    assert (await stats(client))["rejected_429"]["total"] == 0  # counts sends only
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"ttl": "2s"}, "ttl"),
+        ({"ttl": 2}, "ttl"),
+        ({"ttl": "2.999s"}, "ttl"),
+        ({"ttl": "ten seconds"}, "ttl"),
+        ({"correlation_id": "x" * 129}, "correlation_id"),
+        ({"correlation_id": 7}, "correlation_id"),
+        ({"queue": "LOW_PRIORITY"}, "queue"),
+    ],
+)
+async def test_field_limits_400_with_sinch_body(
+    sim: SimFactory, extra: dict[str, Any], field: str
+) -> None:
+    client = await sim()
+    token = await get_token(client)
+    status, data, _ = await send(client, token, **extra)
+    assert status == 400
+    assert_error(data, 400, "INVALID_ARGUMENT")
+    (detail,) = data["error"]["details"]
+    assert detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    assert [v["field"] for v in detail["field_violations"]] == [field]
+    assert data["error"]["message"] == detail["field_violations"][0]["description"]
+    counters = await stats(client)
+    assert counters["invalid"] == {"total": 1, field: 1}
+    assert counters["accepted_total"] == 0
+
+
+async def test_field_limits_admit_the_edges(sim: SimFactory) -> None:
+    client = await sim()
+    token = await get_token(client)
+    for extra in (
+        {"ttl": "3s"},
+        {"ttl": 3},
+        {"ttl": "10.5s"},
+        {"correlation_id": "x" * 128},
+        {"queue": "HIGH_PRIORITY"},
+        {"queue": "NORMAL_PRIORITY"},
+    ):
+        assert (await send(client, token, **extra))[0] == 200, extra
+    assert (await stats(client))["invalid"] == {"total": 0}
+
+
+async def test_oversized_request_is_400(sim: SimFactory) -> None:
+    assert SimulatorSettings().max_request_bytes == 1024 * 1024
+    client = await sim(max_request_bytes=4096)
+    token = await get_token(client)
+    big = body(message={"text_message": {"text": "x" * 5000}})
+    status, data, _ = await send(client, token, payload=big)
+    assert status == 400
+    assert_error(data, 400, "INVALID_ARGUMENT")
+    assert "4096 bytes" in data["error"]["message"]
+    fits = body(message={"text_message": {"text": "x" * 3000}})
+    assert (await send(client, token, payload=fits))[0] == 200
+    assert (await stats(client))["invalid"] == {"total": 1, "size": 1}
+
+
+async def test_project_forbidden_is_403_until_turned_off(sim: SimFactory) -> None:
+    client = await sim()
+    token = await get_token(client)
+    resp = await client.post("/_sim/config", json={"project_forbidden": True})
+    assert await resp.json() == {"project_forbidden": True}
+    expected = {
+        "error": {
+            "code": 403,
+            "message": "Project demo-project is disabled",
+            "status": "PERMISSION_DENIED",
+            "details": [],
+        }
+    }
+    status, data, _ = await send(client, token)
+    assert (status, data) == (403, expected)
+    assert await get_app(client, token=token) == (403, expected)
+    await client.post("/_sim/config", json={"project_forbidden": False})
+    assert (await send(client, token))[0] == 200
+    assert (await get_app(client, token=token))[0] == 200
+    counters = await stats(client)
+    assert counters["forbidden_403"] == 1
+    assert counters["accepted_total"] == 1
+
+
+async def test_dispatch_callbacks_echo_metadata_without_contact_or_conversation(
+    sim: SimFactory, receiver_url: Callable[[Receiver], Awaitable[str]]
+) -> None:
+    receiver = Receiver("k")
+    client = await sim(
+        callback_url=await receiver_url(receiver),
+        callback_secret="k",
+        callback_delay_s=0.0,
+        callback_workers=1,
+        processing_modes={"conv-app": "CONVERSATION"},
+    )
+    token = await get_token(client)
+    status, sent, _ = await send(client, token, message_metadata="order-7", correlation_id="c-1")
+    assert status == 200
+
+    async def received(n: int) -> bool:
+        return len(receiver.events) >= n
+
+    await wait_for(lambda: received(2))
+    for event in receiver.events:
+        raw, parsed = event["raw"], event["parsed"]
+        report = raw["message_delivery_report"]
+        assert report["processing_mode"] == "DISPATCH"
+        assert report["contact_id"] == ""
+        assert report["conversation_id"] == ""
+        assert report["message_id"] == sent["message_id"]
+        assert raw["message_metadata"] == "order-7"
+        assert raw["correlation_id"] == "c-1"
+        assert parsed.message_metadata == "order-7"
+        assert parsed.message_delivery_report.processing_mode == "DISPATCH"
+    assert [e["parsed"].message_delivery_report.status for e in receiver.events] == [
+        "QUEUED_ON_CHANNEL",
+        "DELIVERED",
+    ]
+
+    # A CONVERSATION app reports ids, unless the send asks for DISPATCH_ONLY.
+    await send(client, token, app_id="conv-app", message_metadata="m-2")
+    await send(client, token, app_id="conv-app", processing_strategy="DISPATCH_ONLY")
+    await wait_for(lambda: received(6))
+    modes = {
+        (e["raw"]["message_metadata"], e["raw"]["message_delivery_report"]["processing_mode"])
+        for e in receiver.events[2:]
+    }
+    assert modes == {("m-2", "CONVERSATION"), ("", "DISPATCH")}
+    conv = next(e["raw"] for e in receiver.events[2:] if e["raw"]["message_metadata"] == "m-2")
+    assert conv["message_delivery_report"]["contact_id"]
+
+    resp = await client.post("/_sim/inbound", json={"app_id": "app-1", "text": "hi"})
+    assert resp.status == 200
+    await wait_for(lambda: received(7))
+    inbound = receiver.events[6]["raw"]["message"]
+    assert (inbound["processing_mode"], inbound["contact_id"]) == ("DISPATCH", "")
+    assert all(receiver.valid)
+    assert (await stats(client))["invalid"] == {"total": 0}
+
+
+async def test_delivery_reports_wait_for_the_ingress_queue(
+    sim: SimFactory, receiver_url: Callable[[Receiver], Awaitable[str]]
+) -> None:
+    receiver = Receiver("k")
+    client = await sim(
+        callback_url=await receiver_url(receiver),
+        callback_secret="k",
+        callback_delay_s=0.0,
+        callback_workers=1,
+        app_rate=20,
+        drain_factors={"slow": 0.001},  # the first message leaves after 50 s
+    )
+    token = await get_token(client)
+    assert (await send(client, token, app_id="slow", correlation_id="s-1"))[0] == 200
+    assert (await send(client, token, app_id="slow", correlation_id="s-2"))[0] == 200
+    assert (await send(client, token, app_id="fast", correlation_id="f-1"))[0] == 200
+
+    async def received(n: int) -> bool:
+        return len(receiver.events) >= n
+
+    # One worker posts in order: had the slow app's reports been due at accept time,
+    # they would have come before the fast app's.
+    await wait_for(lambda: received(2))
+    assert [e["raw"]["correlation_id"] for e in receiver.events] == ["f-1", "f-1"]
+    assert await queued(client, "slow") == 2
+
+    # The drain speeds up: the queued messages leave, in order, and report.
+    await client.post("/_sim/config", json={"drain_factors": {"slow": 100.0}})
+    await wait_for(lambda: received(6))
+    later = [
+        (e["raw"]["correlation_id"], e["raw"]["message_delivery_report"]["status"])
+        for e in receiver.events[2:]
+    ]
+    assert later[0] == ("s-1", "QUEUED_ON_CHANNEL")
+    assert later.index(("s-1", "QUEUED_ON_CHANNEL")) < later.index(("s-2", "QUEUED_ON_CHANNEL"))
+    assert sorted(later) == [
+        ("s-1", "DELIVERED"),
+        ("s-1", "QUEUED_ON_CHANNEL"),
+        ("s-2", "DELIVERED"),
+        ("s-2", "QUEUED_ON_CHANNEL"),
+    ]
+    assert await queued(client, "slow") == 0

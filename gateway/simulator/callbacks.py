@@ -1,9 +1,15 @@
 """Signed Sinch callbacks from the simulator to a webhook: delivery reports, inbound.
 
 For every accepted send the simulator posts a MESSAGE_DELIVERY callback with status
-``QUEUED_ON_CHANNEL`` at once and, ``callback_delay_s`` later, ``DELIVERED`` (or
-``FAILED`` with a ``reason`` for ``callback_failed_fraction`` of the messages).
-``POST /_sim/inbound`` produces a MESSAGE_INBOUND callback. Delivery reports go to
+``QUEUED_ON_CHANNEL`` when the message leaves its app's ingress queue (at once when
+the queue is empty, and always at once in strict mode) and, ``callback_delay_s``
+later, ``DELIVERED`` (or ``FAILED`` with a ``reason`` for ``callback_failed_fraction``
+of the messages).
+``POST /_sim/inbound`` produces a MESSAGE_INBOUND callback. In the DISPATCH
+processing mode (the default for new apps) callbacks carry empty ``conversation_id``
+and ``contact_id``, as Sinch stores neither; CONVERSATION mode fills both. Every
+delivery report echoes the send's ``message_metadata`` and ``correlation_id``.
+Delivery reports go to
 the send's own ``callback_url`` when it has one (as Sinch allows per message), else
 to the configured ``callback_url``; with neither, none are produced.
 
@@ -26,12 +32,13 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import heapq
 import hmac
+import itertools
 import logging
 import random
 import secrets
 import time
-from collections import deque
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
@@ -40,7 +47,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
-from gateway.simulator.settings import SimulatorSettings
+from gateway.simulator.settings import ProcessingMode, SimulatorSettings
 
 log = logging.getLogger(__name__)
 
@@ -161,21 +168,23 @@ def delivery_report(
     message_metadata: str,
     correlation_id: str,
     failed: bool = False,
+    processing_mode: ProcessingMode = "CONVERSATION",
 ) -> dict[str, Any]:
     """A MESSAGE_DELIVERY callback body in the Conversation API format."""
     who = recipient_identity(app_id, recipient)
+    conversation = processing_mode == "CONVERSATION"
     report: dict[str, Any] = {
         "message_id": message_id,
-        "conversation_id": derived_id(app_id, who["contact_id"]),
+        "conversation_id": derived_id(app_id, who["contact_id"]) if conversation else "",
         "status": status,
         "channel_identity": {
             "channel": who["channel"],
             "identity": who["identity"],
             "app_id": app_id,
         },
-        "contact_id": who["contact_id"],
+        "contact_id": who["contact_id"] if conversation else "",
         "metadata": "",
-        "processing_mode": "CONVERSATION",
+        "processing_mode": processing_mode,
     }
     if failed:
         report["reason"] = dict(_FAILURE_REASON)
@@ -191,11 +200,18 @@ def delivery_report(
 
 
 def inbound_message(
-    *, project_id: str, app_id: str, message_id: str, text: str, identity: str
+    *,
+    project_id: str,
+    app_id: str,
+    message_id: str,
+    text: str,
+    identity: str,
+    processing_mode: ProcessingMode = "CONVERSATION",
 ) -> dict[str, Any]:
     """A MESSAGE_INBOUND callback body: ``identity`` wrote ``text`` over SMS."""
     now = rfc3339()
-    contact_id = derived_id(app_id, "SMS", identity)
+    conversation = processing_mode == "CONVERSATION"
+    contact_id = derived_id(app_id, "SMS", identity) if conversation else ""
     return {
         "app_id": app_id,
         "accepted_time": now,
@@ -206,11 +222,11 @@ def inbound_message(
             "direction": "TO_APP",
             "contact_message": {"text_message": {"text": text}},
             "channel_identity": {"channel": "SMS", "identity": identity, "app_id": app_id},
-            "conversation_id": derived_id(app_id, contact_id),
+            "conversation_id": derived_id(app_id, contact_id) if conversation else "",
             "contact_id": contact_id,
             "metadata": "",
             "accept_time": now,
-            "processing_mode": "CONVERSATION",
+            "processing_mode": processing_mode,
         },
         "message_metadata": "",
     }
@@ -219,7 +235,16 @@ def inbound_message(
 class _Delivery:
     """One delivery report to post; the body is built by the worker, off the send path."""
 
-    __slots__ = ("accepted_time", "app_id", "failed", "message", "message_id", "status", "url")
+    __slots__ = (
+        "accepted_time",
+        "app_id",
+        "failed",
+        "message",
+        "message_id",
+        "mode",
+        "status",
+        "url",
+    )
 
     def __init__(
         self,
@@ -230,6 +255,7 @@ class _Delivery:
         message: Mapping[str, Any],
         status: str,
         failed: bool,
+        mode: ProcessingMode,
     ) -> None:
         self.url = url
         self.app_id = app_id
@@ -238,6 +264,7 @@ class _Delivery:
         self.message = message
         self.status = status
         self.failed = failed
+        self.mode = mode
 
 
 _Job = _Delivery | tuple[str, dict[str, Any]]
@@ -264,7 +291,9 @@ class CallbackDispatcher:
         self.totals: dict[str, int] = dict.fromkeys(_RESULTS, 0)
         self._baseline = dict(self.totals)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(settings.callback_queue_size)
-        self._delayed: deque[tuple[float, _Delivery]] = deque()
+        # (due, sequence, job): departures of different apps interleave, so a heap.
+        self._delayed: list[tuple[float, int, _Delivery]] = []
+        self._sequence = itertools.count()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
@@ -317,29 +346,50 @@ class CallbackDispatcher:
         await self.stop()
 
     def message_accepted(
-        self, now: float, app_id: str, message_id: str, accepted_time: str, body: dict[str, Any]
+        self,
+        now: float,
+        app_id: str,
+        message_id: str,
+        accepted_time: str,
+        body: dict[str, Any],
+        mode: ProcessingMode = "CONVERSATION",
     ) -> None:
-        """Queue QUEUED_ON_CHANNEL now and DELIVERED/FAILED after the delay."""
-        url = body.get("callback_url") or self._settings.callback_url
-        if not isinstance(url, str) or not url:
+        """Queue QUEUED_ON_CHANNEL now and DELIVERED/FAILED after the delay.
+
+        Called when the message leaves its app's ingress queue (``now``).
+        """
+        url = self.report_url(body)
+        if url is None:
             return
         self._offer(
-            _Delivery(url, app_id, message_id, accepted_time, body, "QUEUED_ON_CHANNEL", False)
+            _Delivery(
+                url, app_id, message_id, accepted_time, body, "QUEUED_ON_CHANNEL", False, mode
+            )
         )
         failed = self.failed_fraction > 0.0 and self._rng.random() < self.failed_fraction
         final = "FAILED" if failed else "DELIVERED"
-        if len(self._delayed) >= self._settings.callback_queue_size:
+        self._schedule(
+            now + self._settings.callback_delay_s,
+            _Delivery(url, app_id, message_id, accepted_time, body, final, failed, mode),
+        )
+
+    def report_url(self, body: Mapping[str, Any]) -> str | None:
+        """Where the delivery reports of a send go: its own URL, else the configured one."""
+        url = body.get("callback_url") or self._settings.callback_url
+        return url if isinstance(url, str) and url else None
+
+    def _schedule(self, due: float, job: _Delivery) -> None:
+        delayed = self._delayed
+        if len(delayed) >= self._settings.callback_queue_size:
             self._count("dropped")
             return
-        self._delayed.append(
-            (
-                now + self._settings.callback_delay_s,
-                _Delivery(url, app_id, message_id, accepted_time, body, final, failed),
-            )
-        )
-        self._wake.set()
+        heapq.heappush(delayed, (due, next(self._sequence), job))
+        if delayed[0][2] is job:
+            self._wake.set()  # a new earliest job: the scheduler re-arms its timer
 
-    def inbound(self, app_id: str, text: str, identity: str) -> str | None:
+    def inbound(
+        self, app_id: str, text: str, identity: str, mode: ProcessingMode = "CONVERSATION"
+    ) -> str | None:
         """Queue a MESSAGE_INBOUND callback; its message id, or None if not queued."""
         url = self._settings.callback_url
         if url is None:
@@ -351,6 +401,7 @@ class CallbackDispatcher:
             message_id=message_id,
             text=text,
             identity=identity,
+            processing_mode=mode,
         )
         return message_id if self._offer((url, body)) else None
 
@@ -368,17 +419,20 @@ class CallbackDispatcher:
     async def _scheduler(self) -> None:
         loop = asyncio.get_running_loop()
         delayed = self._delayed
+        wake = self._wake
         while True:
             if not delayed:
-                self._wake.clear()
-                await self._wake.wait()
+                wake.clear()
+                await wake.wait()
                 continue
-            due, job = delayed[0]
+            due, _, job = delayed[0]
             wait = due - loop.time()
             if wait > 0.0:
-                await asyncio.sleep(wait)
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), wait)
                 continue
-            delayed.popleft()
+            heapq.heappop(delayed)
             self._offer(job)
 
     async def _worker(self) -> None:
@@ -409,6 +463,7 @@ class CallbackDispatcher:
             message_metadata=metadata if isinstance(metadata, str) else "",
             correlation_id=correlation if isinstance(correlation, str) else "",
             failed=job.failed,
+            processing_mode=job.mode,
         )
         return job.url, orjson.dumps(body)
 

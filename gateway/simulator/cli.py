@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.simulator.server import make_app
-from gateway.simulator.settings import REGIONS, Region, SimulatorSettings
+from gateway.simulator.settings import PROCESSING_MODES, REGIONS, Region, SimulatorSettings
 
 _FLOATS = (
     ("token-lifetime-s", "seconds an OAuth token lives"),
@@ -34,6 +34,7 @@ _INTS = (
     ("callback-queue-size", "callbacks buffered before dropping"),
     ("callback-retries", "retries of a failed callback post"),
     ("accepted-log-size", "accepted sends kept for /_sim/accepted"),
+    ("max-request-bytes", "largest send body accepted (400 above)"),
     ("seed", "random seed (faults, ids)"),
 )
 _STRINGS = (
@@ -67,6 +68,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--app-rates", default=None, help="per-app rate overrides, e.g. app1:50,app2:5"
     )
+    parser.add_argument(
+        "--drain-factors",
+        default=None,
+        help="per-app real drain speed as a fraction of the reported rate, e.g. app1:0.5",
+    )
+    parser.add_argument(
+        "--processing-mode",
+        choices=sorted(PROCESSING_MODES),
+        default=None,
+        help="processing mode of every app (default: DISPATCH)",
+    )
+    parser.add_argument(
+        "--processing-modes", default=None, help="per-app modes, e.g. app1:CONVERSATION"
+    )
     parser.add_argument("--default-region", choices=sorted(REGIONS), default=None)
 
 
@@ -99,11 +114,18 @@ def settings_from_args(ns: argparse.Namespace) -> SimulatorSettings:
                 raise ValueError(f"--apps: region of {app_id!r} must be us, eu or br")
             apps[app_id] = region  # type: ignore[assignment]  # checked just above
         values["apps"] = apps
-    if getattr(ns, "app_rates", None):
-        try:
-            values["app_rates"] = {a: float(r) for a, r in _pairs(ns.app_rates, "--app-rates")}
-        except ValueError as exc:
-            raise ValueError(f"--app-rates: {exc}") from exc
+    for name in ("app_rates", "drain_factors"):
+        text = getattr(ns, name, None)
+        if text:
+            flag = "--" + name.replace("_", "-")
+            try:
+                values[name] = {a: float(r) for a, r in _pairs(text, flag)}
+            except ValueError as exc:
+                raise ValueError(f"{flag}: {exc}") from exc
+    if getattr(ns, "processing_mode", None):
+        values["processing_mode"] = ns.processing_mode
+    if getattr(ns, "processing_modes", None):
+        values["processing_modes"] = dict(_pairs(ns.processing_modes, "--processing-modes"))
     return SimulatorSettings(**values)
 
 

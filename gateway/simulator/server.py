@@ -46,17 +46,19 @@ import random
 import secrets
 import time
 from collections import deque
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from gateway.simulator.apps import app_resource
 from gateway.simulator.callbacks import CallbackDispatcher, Stamper
 from gateway.simulator.collector import SimulatorMetrics
-from gateway.simulator.settings import SimulatorSettings, patch
+from gateway.simulator.ingress import DeparturePump, IngressQueue
+from gateway.simulator.settings import ProcessingMode, SimulatorSettings, patch
 from gateway.simulator.validation import validate_send, violation
-from gateway.simulator.windows import LeakyQueue, SlidingWindow
+from gateway.simulator.windows import SlidingWindow
 
 MAX_DUPLICATE_IDS: Final = 100
 MAX_TOKENS: Final = 100_000
@@ -69,10 +71,10 @@ _INVALID: Final = {"www-authenticate": 'Bearer error="invalid_token"'}
 class _AppState:
     __slots__ = ("accepted", "accepted_total", "label", "queue", "received")
 
-    def __init__(self, now: float, label: str) -> None:
+    def __init__(self, app_id: str, now: float, label: str) -> None:
         self.received = SlidingWindow()
         self.accepted = SlidingWindow()
-        self.queue = LeakyQueue(now)
+        self.queue = IngressQueue(app_id, now)
         self.accepted_total = 0
         self.label = label
 
@@ -86,6 +88,7 @@ class Simulator:
         self.stamper = Stamper(self.rng)
         self.callbacks = CallbackDispatcher(settings, self.rng, self.stamper)
         self.metrics = SimulatorMetrics(registry, self.callbacks.totals)
+        self.departures = DeparturePump(lambda app_id: self.settings.drain_rate(app_id), self._left)
         self.tokens: dict[str, float] = {}
         self.token_requests = 0
         self._hold_all = False
@@ -98,6 +101,10 @@ class Simulator:
         self.apps: dict[str, _AppState] = {}
         self.project_received = SlidingWindow()
         self.project_accepted = SlidingWindow()
+        # What the project cap counts: accepted sends and answered app reads.
+        self.project_calls = SlidingWindow()
+        self.invalid: dict[str, int] = {}
+        self.app_reads = 0
         self.basic_window = SlidingWindow()
         self.received_total = 0
         self.accepted_total = 0
@@ -122,7 +129,7 @@ class Simulator:
         payload: object,
         headers: dict[str, str] | None = None,
     ) -> web.Response:
-        # Only the Sinch endpoints (send, token) are counted; "sim" is the control API.
+        # Only the Sinch endpoints (send, app, token) are counted; "sim" is the control API.
         if endpoint != "sim":
             self.metrics.request(endpoint, status)
         if endpoint == "send":
@@ -145,10 +152,17 @@ class Simulator:
         body = {"code": status, "message": message, "status": name, "details": details or []}
         return self._answer(endpoint, status, {"error": body}, headers)
 
-    def _too_many(self, scope: str, message: str, wait_s: float) -> web.Response:
-        self.rejected_429[scope] += 1
-        retry = {"Retry-After": str(max(1, math.ceil(wait_s)))}
-        return self._error("send", 429, "RESOURCE_EXHAUSTED", message, headers=retry)
+    def _too_many(
+        self, scope: str, message: str, wait_s: float, endpoint: str = "send"
+    ) -> web.Response:
+        if endpoint == "send":
+            self.rejected_429[scope] += 1
+        seconds = max(1, math.ceil(wait_s))
+        hint = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{seconds}s"}
+        retry = {"Retry-After": str(seconds)}
+        return self._error(
+            endpoint, 429, "RESOURCE_EXHAUSTED", message, details=[hint], headers=retry
+        )
 
     def _basic_ok(self, header: str) -> bool:
         scheme, _, encoded = header.partition(" ")
@@ -197,19 +211,82 @@ class Simulator:
     async def send(self, request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         now = loop.time()
+        basic = self._authenticate("send", request, now)
+        if isinstance(basic, web.Response):
+            return basic
+        self._count_received(now)
+        refused = self._project_refusal("send", request.match_info["project_id"])
+        if refused is not None:
+            return refused
+        body = await self._read_send(request)
+        if isinstance(body, web.Response):
+            return body
+        app_id: str = body["app_id"]
+        app = self._app(app_id, now)
+        app.received.add(now)
+        region = request.match_info.get("region", self.settings.default_region)
+        if self.settings.region_of(app_id) != region:
+            return self._error("send", 404, "NOT_FOUND", "App not found in this region.")
+        correlation = self._note_duplicate(body)
+        if self._hold_all or self._held_apps:
+            await self._wait_if_held(app_id)
+            now = loop.time()
+            app = self._app(app_id, now)  # a reset may have happened meanwhile
+        refused = self._admit(app_id, app, now, basic)
+        if refused is not None:
+            return refused
+        message_id, accepted_time = self._accept(app_id, app, now, basic, body, correlation)
+        settings = self.settings
+        delay = settings.latency_s
+        if settings.latency_jitter_s > 0.0:
+            delay += self.rng.random() * settings.latency_jitter_s
+        if delay > 0.0:
+            await asyncio.sleep(delay)
+        return self._answer("send", 200, {"accepted_time": accepted_time, "message_id": message_id})
+
+    async def get_app(self, request: web.Request) -> web.Response:
+        """``GET .../apps/{app_id}``: the App resource with live ``queue_stats``."""
+        now = asyncio.get_running_loop().time()
+        basic = self._authenticate("app", request, now)
+        if isinstance(basic, web.Response):
+            return basic
+        refused = self._project_refusal("app", request.match_info["project_id"])
+        if refused is not None:
+            return refused
+        settings = self.settings
+        app_id = request.match_info["app_id"]
+        region = request.match_info.get("region", settings.default_region)
+        if settings.region_of(app_id) != region:
+            return self._error("app", 404, "NOT_FOUND", f"App {app_id} not found.")
+        cap = max(1, int(settings.project_rate))
+        if self.project_calls.count(now) >= cap:
+            wait = self.project_calls.wait_s(now, cap)
+            return self._too_many("project", "Project rate limit exceeded.", wait, "app")
+        self.project_calls.add(now)
+        self.app_reads += 1
+        state = self.apps.get(app_id)
+        waiting = 0
+        if state is not None and not settings.strict:
+            waiting = state.queue.size(now, settings.drain_rate(app_id))
+        return self._answer("app", 200, app_resource(settings, app_id, waiting))
+
+    # -- steps of a send -----------------------------------------------------------
+
+    def _authenticate(self, endpoint: str, request: web.Request, now: float) -> bool | web.Response:
+        """True for Basic auth, False for a valid bearer token, else the 401 answer."""
         auth = request.headers.get("Authorization", "")
-        basic = False
-        if auth.startswith("Bearer ") or auth[:7].lower() == "bearer ":
+        if auth[:7].lower() == "bearer ":
             expiry = self.tokens.get(auth[7:])
             if expiry is None or expiry <= now:
                 message = "Request had invalid credentials." if expiry is None else "Token expired."
                 headers = _INVALID if expiry is None else _EXPIRED
-                return self._error("send", 401, "UNAUTHENTICATED", message, headers=headers)
-        elif self._basic_ok(auth):
-            basic = True
-        else:
-            return self._error("send", 401, "UNAUTHENTICATED", "Request had invalid credentials.")
+                return self._error(endpoint, 401, "UNAUTHENTICATED", message, headers=headers)
+            return False
+        if self._basic_ok(auth):
+            return True
+        return self._error(endpoint, 401, "UNAUTHENTICATED", "Request had invalid credentials.")
 
+    def _count_received(self, now: float) -> None:
         self.received_total += 1
         self.project_received.add(now)
         wall = time.time()
@@ -217,50 +294,63 @@ class Simulator:
             self.first_send = (now, wall)
         self.last_send = (now, wall)
 
-        settings = self.settings
-        if request.match_info["project_id"] != settings.project_id:
-            return self._error("send", 404, "NOT_FOUND", "Project not found.")
+    def _project_refusal(self, endpoint: str, project_id: str) -> web.Response | None:
+        """404 for another project, 403 while the project is disabled, else None."""
+        if project_id != self.settings.project_id:
+            return self._error(endpoint, 404, "NOT_FOUND", "Project not found.")
+        if self.settings.project_forbidden:
+            message = f"Project {project_id} is disabled"
+            return self._error(endpoint, 403, "PERMISSION_DENIED", message)
+        return None
+
+    async def _read_send(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """The SendMessageRequest, or the 400 answer listing its field violations."""
+        limit = self.settings.max_request_bytes
         try:
-            body = orjson.loads(await request.read())
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raw = b""
+            too_large = True
+        else:
+            too_large = len(raw) > limit
+        if too_large:
+            message = f"Request payload size exceeds the limit: {limit} bytes."
+            return self._bad_request([violation("", message)], "size")
+        try:
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return self._bad_request([violation("", "Invalid JSON payload received.")])
         violations = validate_send(body)
         if violations:
             return self._bad_request(violations)
-        app_id: str = body["app_id"]
-        app = self._app(app_id, now)
-        app.received.add(now)
-        region = request.match_info.get("region", settings.default_region)
-        if settings.region_of(app_id) != region:
-            return self._error("send", 404, "NOT_FOUND", "App not found in this region.")
+        return cast(dict[str, Any], body)
 
+    def _note_duplicate(self, body: dict[str, Any]) -> str | None:
+        """The send's correlation id (else message_metadata); counts a repeat."""
         correlation = body.get("correlation_id") or body.get("message_metadata")
         if not isinstance(correlation, str):
-            correlation = None
-        if correlation is not None and correlation in self.accepted_ids:
+            return None
+        if correlation in self.accepted_ids:
             self.duplicates += 1
             ids = self.duplicate_ids
             if len(ids) < MAX_DUPLICATE_IDS and correlation not in ids:
                 ids.append(correlation)
+        return correlation
 
-        if self._hold_all or self._held_apps:
-            await self._wait_if_held(app_id)
-            now = loop.time()
-            settings = self.settings
-            app = self._app(app_id, now)  # a reset may have happened meanwhile
-
+    def _admit(self, app_id: str, app: _AppState, now: float, basic: bool) -> web.Response | None:
+        """The first limit or injected fault that refuses the send, else None."""
+        settings = self.settings
         project_cap = max(1, int(settings.project_rate))
-        if self.project_accepted.count(now) >= project_cap:
-            wait = self.project_accepted.wait_s(now, project_cap)
+        if self.project_calls.count(now) >= project_cap:
+            wait = self.project_calls.wait_s(now, project_cap)
             return self._too_many("project", "Project rate limit exceeded.", wait)
-        rate = settings.app_rates.get(app_id, settings.app_rate)
         if settings.strict:
-            app_cap = max(1, int(rate))
+            app_cap = max(1, int(settings.app_limit(app_id)))
             if app.accepted.count(now) >= app_cap:
                 wait = app.accepted.wait_s(now, app_cap)
                 return self._too_many("app", "App rate limit exceeded.", wait)
         else:
-            wait = app.queue.wait_s(now, rate, settings.queue_size)
+            wait = app.queue.wait_s(now, settings.drain_rate(app_id), settings.queue_size)
             if wait > 0.0:
                 return self._too_many("app", "App ingress queue is full.", wait)
         if basic:
@@ -272,12 +362,22 @@ class Simulator:
             if self.rng.random() < 0.5:
                 return self._error("send", 500, "INTERNAL", "Internal error (injected).")
             return self._error("send", 503, "UNAVAILABLE", "Service unavailable (injected).")
+        return None
 
-        # Accepted: every window and counter is committed before the first await.
+    def _accept(
+        self,
+        app_id: str,
+        app: _AppState,
+        now: float,
+        basic: bool,
+        body: dict[str, Any],
+        correlation: str | None,
+    ) -> tuple[str, str]:
+        """Commit every window and counter (before any await); the id and time."""
+        settings = self.settings
         self.project_accepted.add(now)
+        self.project_calls.add(now)
         app.accepted.add(now)
-        if not settings.strict:
-            app.queue.push()
         if basic:
             self.basic_window.add(now)
         message_id, accepted_time = self.stamper.stamp()
@@ -291,22 +391,36 @@ class Simulator:
                 self.duplicates_accepted += 1
             else:
                 self.accepted_ids.add(correlation)
-        self.callbacks.message_accepted(now, app_id, message_id, accepted_time, body)
+        mode = settings.processing_mode_of(app_id)
+        if body.get("processing_strategy") == "DISPATCH_ONLY":
+            mode = "DISPATCH"
+        if settings.strict:
+            self.callbacks.message_accepted(now, app_id, message_id, accepted_time, body, mode)
+        else:
+            # Reports are timed by the queue: QUEUED_ON_CHANNEL once the message leaves.
+            wanted = self.callbacks.report_url(body) is not None
+            item = (app_id, message_id, accepted_time, body, mode) if wanted else None
+            if app.queue.push(item):
+                self.departures.watch(app.queue, now)
+        return message_id, accepted_time
 
-        delay = settings.latency_s
-        if settings.latency_jitter_s > 0.0:
-            delay += self.rng.random() * settings.latency_jitter_s
-        if delay > 0.0:
-            await asyncio.sleep(delay)
-        return self._answer("send", 200, {"accepted_time": accepted_time, "message_id": message_id})
+    def _left(self, item: tuple[str, str, str, dict[str, Any], ProcessingMode]) -> None:
+        now = asyncio.get_running_loop().time()
+        self.callbacks.message_accepted(now, *item)
 
     def _app(self, app_id: str, now: float) -> _AppState:
         app = self.apps.get(app_id)
         if app is None:
-            app = self.apps[app_id] = _AppState(now, self.metrics.app_label(app_id))
+            app = self.apps[app_id] = _AppState(app_id, now, self.metrics.app_label(app_id))
         return app
 
-    def _bad_request(self, violations: list[dict[str, str]]) -> web.Response:
+    def _bad_request(
+        self, violations: list[dict[str, str]], reason: str | None = None
+    ) -> web.Response:
+        # One count per refused send, by the top-level field of its first violation.
+        if reason is None:
+            reason = violations[0]["field"].split(".", 1)[0].split("[", 1)[0] or "body"
+        self.invalid[reason] = self.invalid.get(reason, 0) + 1
         detail = {
             "@type": "type.googleapis.com/google.rpc.BadRequest",
             "field_violations": violations,
@@ -353,6 +467,8 @@ class Simulator:
             },
             "unauthorized_401": counts.get(401, 0),
             "bad_request_400": counts.get(400, 0),
+            "invalid": {"total": sum(self.invalid.values()), **self.invalid},
+            "forbidden_403": counts.get(403, 0),
             "not_found_404": counts.get(404, 0),
             "token_requests": self.token_requests,
             "max_received_per_s": {
@@ -373,9 +489,18 @@ class Simulator:
             "first_send_wall": self.first_send[1] if self.first_send else None,
             "last_send_wall": self.last_send[1] if self.last_send else None,
             "held": self.held,
+            "app_reads": self.app_reads,
+            "queue_size_by_app": self._queue_sizes(),
             "callbacks": self.callbacks.counts(),
             "accepted_log_dropped": self.accepted_total - len(self.accepted_log),
         }
+
+    def _queue_sizes(self) -> dict[str, int]:
+        if self.settings.strict:
+            return {}
+        now = asyncio.get_running_loop().time()
+        rate = self.settings.drain_rate
+        return {a: s.queue.size(now, rate(a)) for a, s in self.apps.items()}
 
     async def accepted(self, request: web.Request) -> web.Response:
         return _json(
@@ -390,10 +515,16 @@ class Simulator:
         try:
             if changes is None:
                 raise ValueError("body: must be a JSON object")
-            self.settings = patch(self.settings, changes)
+            settings = patch(self.settings, changes)
         except ValueError as exc:
             return self._error("sim", 400, "INVALID_ARGUMENT", str(exc))
-        self.callbacks.failed_fraction = self.settings.callback_failed_fraction
+        # Queues drain at the old rates up to now; the new rates apply from now on.
+        now = asyncio.get_running_loop().time()
+        for app_id, state in self.apps.items():
+            state.queue.leaky.drain(now, self.settings.drain_rate(app_id))
+        self.settings = settings
+        self.departures.rates_changed(now)
+        self.callbacks.failed_fraction = settings.callback_failed_fraction
         return _json({name: _plain(getattr(self.settings, name)) for name in sorted(changes)})
 
     async def hold(self, request: web.Request) -> web.Response:
@@ -450,7 +581,8 @@ class Simulator:
             )
         if self.settings.callback_url is None:
             return self._error("sim", 409, "FAILED_PRECONDITION", "No callback_url configured.")
-        message_id = self.callbacks.inbound(str(app_id), str(text), str(identity))
+        mode = self.settings.processing_mode_of(str(app_id))
+        message_id = self.callbacks.inbound(str(app_id), str(text), str(identity), mode)
         if message_id is None:
             return self._error("sim", 503, "UNAVAILABLE", "Callback queue is full.")
         return _json({"message_id": message_id})
@@ -486,8 +618,13 @@ REGISTRY_KEY: Final = web.AppKey("sinch_simulator_registry", CollectorRegistry)
 
 
 async def _lifecycle(app: web.Application) -> Any:
-    async with app[SIMULATOR_KEY].callbacks:
-        yield
+    sim = app[SIMULATOR_KEY]
+    async with sim.callbacks:
+        await sim.departures.start()
+        try:
+            yield
+        finally:
+            await sim.departures.stop()
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -500,7 +637,8 @@ def make_app(
     """Build the simulator application; ``registry`` defaults to a fresh one."""
     registry = registry if registry is not None else CollectorRegistry()
     sim = Simulator(settings, registry)
-    app = web.Application()
+    # Larger bodies are read no further and refused with Sinch's 400 (see _read_send).
+    app = web.Application(client_max_size=settings.max_request_bytes)
     app[SIMULATOR_KEY] = sim
     app[REGISTRY_KEY] = registry
     app.cleanup_ctx.append(_lifecycle)
@@ -508,6 +646,8 @@ def make_app(
     app.router.add_post("/oauth2/token", sim.token)
     app.router.add_post("/v1/projects/{project_id}/messages:send", sim.send)
     app.router.add_post("/{region:us|eu|br}/v1/projects/{project_id}/messages:send", sim.send)
+    app.router.add_get("/v1/projects/{project_id}/apps/{app_id}", sim.get_app)
+    app.router.add_get("/{region:us|eu|br}/v1/projects/{project_id}/apps/{app_id}", sim.get_app)
     app.router.add_get("/_sim/stats", sim.stats)
     app.router.add_get("/_sim/accepted", sim.accepted)
     app.router.add_post("/_sim/config", sim.config)

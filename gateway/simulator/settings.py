@@ -7,12 +7,14 @@ validated instance with ``dataclasses.replace``; nothing mutates a settings obje
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, cast
 
 Region = Literal["us", "eu", "br"]
 REGIONS: Final[frozenset[str]] = frozenset({"us", "eu", "br"})
+ProcessingMode = Literal["DISPATCH", "CONVERSATION"]
+PROCESSING_MODES: Final[frozenset[str]] = frozenset({"DISPATCH", "CONVERSATION"})
 
 #: Fields that ``POST /_sim/config`` may change while the simulator runs.
 TUNABLE: Final[frozenset[str]] = frozenset(
@@ -23,6 +25,10 @@ TUNABLE: Final[frozenset[str]] = frozenset(
         "project_rate",
         "app_rate",
         "app_rates",
+        "drain_factors",
+        "processing_modes",
+        "queue_size",
+        "project_forbidden",
         "strict",
         "token_lifetime_s",
         "callback_failed_fraction",
@@ -35,9 +41,14 @@ class SimulatorSettings:
     """Everything the simulator needs; durations are float seconds, rates per second.
 
     ``project_rate`` and the strict-mode app limit are sliding 1-second windows that
-    admit at most ``max(1, floor(rate))`` sends per window. In normal mode an app has
-    an ingress queue of ``queue_size`` messages drained continuously at its rate.
-    ``apps=None`` means every app id exists, in ``default_region``.
+    admit at most ``max(1, floor(rate))`` sends per window. In normal mode (the
+    default, as Sinch does it) an app has an ingress queue of ``queue_size`` messages
+    drained continuously at its rate times its ``drain_factors`` entry (default 1):
+    a factor below 1 makes the queue drain slower than the rate the app reports.
+    ``apps=None`` means every app id exists, in ``default_region``. Apps process in
+    ``processing_mode`` unless ``processing_modes`` names another for them.
+    ``project_forbidden`` answers every send and app read with 403. A send body over
+    ``max_request_bytes`` is refused with 400.
     """
 
     host: str = "127.0.0.1"
@@ -49,8 +60,13 @@ class SimulatorSettings:
     project_rate: float = 800
     app_rate: float = 20.0
     app_rates: Mapping[str, float] = field(default_factory=dict)
+    drain_factors: Mapping[str, float] = field(default_factory=dict)
     queue_size: int = 500_000
     strict: bool = False
+    processing_mode: ProcessingMode = "DISPATCH"
+    processing_modes: Mapping[str, ProcessingMode] = field(default_factory=dict)
+    project_forbidden: bool = False
+    max_request_bytes: int = 1024 * 1024
     apps: Mapping[str, Region] | None = None
     default_region: Region = "us"
     error_rate: float = 0.0
@@ -80,7 +96,28 @@ class SimulatorSettings:
         object.__setattr__(self, "app_rates", dict(self.app_rates))
         for app_id, rate in self.app_rates.items():
             _positive(rate, f"app_rates[{app_id!r}]")
-        _require(self.queue_size >= 1, "queue_size", "must be >= 1")
+        object.__setattr__(self, "drain_factors", dict(self.drain_factors))
+        for app_id, factor in self.drain_factors.items():
+            _positive(factor, f"drain_factors[{app_id!r}]")
+        _require(_is_int(self.queue_size) and self.queue_size >= 1, "queue_size", "must be >= 1")
+        _require(
+            _is_int(self.max_request_bytes) and self.max_request_bytes >= 1024,
+            "max_request_bytes",
+            "must be an integer >= 1024",
+        )
+        _require(
+            self.processing_mode in PROCESSING_MODES,
+            "processing_mode",
+            "must be DISPATCH or CONVERSATION",
+        )
+        object.__setattr__(self, "processing_modes", dict(self.processing_modes))
+        for app_id, mode in self.processing_modes.items():
+            _require(
+                mode in PROCESSING_MODES,
+                f"processing_modes[{app_id!r}]",
+                "must be DISPATCH or CONVERSATION",
+            )
+        _require(isinstance(self.project_forbidden, bool), "project_forbidden", "must be a boolean")
         _require(self.default_region in REGIONS, "default_region", "must be us, eu or br")
         if self.apps is not None:
             object.__setattr__(self, "apps", dict(self.apps))
@@ -107,6 +144,14 @@ class SimulatorSettings:
         """The rate of ``app_id``: its override or the default ``app_rate``."""
         return self.app_rates.get(app_id, self.app_rate)
 
+    def drain_rate(self, app_id: str) -> float:
+        """How fast the ingress queue of ``app_id`` really drains, messages per second."""
+        return self.app_limit(app_id) * self.drain_factors.get(app_id, 1.0)
+
+    def processing_mode_of(self, app_id: str) -> ProcessingMode:
+        """The processing mode of ``app_id``: its override or ``processing_mode``."""
+        return self.processing_modes.get(app_id, self.processing_mode)
+
     def region_of(self, app_id: str) -> str | None:
         """The region an app lives in, or None when the app does not exist."""
         if self.apps is None:
@@ -117,29 +162,53 @@ class SimulatorSettings:
 def patch(settings: SimulatorSettings, changes: Mapping[str, Any]) -> SimulatorSettings:
     """Return ``settings`` with the tunable ``changes`` applied (validated).
 
-    ``app_rates`` is merged key by key; a ``null`` rate removes that override.
-    Raises ValueError naming the offending field.
+    ``app_rates``, ``drain_factors`` and ``processing_modes`` are merged key by key;
+    a ``null`` value removes that app's override. Raises ValueError naming the
+    offending field.
     """
     unknown = sorted(set(changes) - TUNABLE)
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not a tunable setting")
     updates = dict(changes)
     for name, value in changes.items():
-        if name == "strict":
+        if name in ("strict", "project_forbidden"):
             _require(isinstance(value, bool), name, "must be a boolean")
-        elif name == "app_rates":
-            _require(isinstance(value, dict), name, "must be an object of app_id to rate")
-            merged = dict(settings.app_rates)
-            for app_id, rate in cast(dict[str, object], value).items():
-                if rate is None:
-                    merged.pop(app_id, None)
-                else:
-                    _require(_is_number(rate), f"app_rates[{app_id!r}]", "must be a number")
-                    merged[app_id] = float(cast(float, rate))
-            updates[name] = merged
+        elif name in ("app_rates", "drain_factors"):
+            updates[name] = _merge(getattr(settings, name), name, value, _as_number)
+        elif name == "processing_modes":
+            updates[name] = _merge(settings.processing_modes, name, value, _as_mode)
+        elif name == "queue_size":
+            _require(_is_int(value), name, "must be an integer")
         else:
             _require(_is_number(value), name, "must be a number")
     return replace(settings, **updates)
+
+
+def _merge(
+    current: Mapping[str, Any], name: str, value: object, convert: Callable[[str, object], Any]
+) -> dict[str, Any]:
+    _require(isinstance(value, dict), name, "must be an object keyed by app_id")
+    merged = dict(current)
+    for app_id, item in cast(dict[str, object], value).items():
+        if item is None:
+            merged.pop(app_id, None)
+        else:
+            merged[app_id] = convert(f"{name}[{app_id!r}]", item)
+    return merged
+
+
+def _as_number(name: str, value: object) -> float:
+    _require(_is_number(value), name, "must be a number")
+    return float(cast(float, value))
+
+
+def _as_mode(name: str, value: object) -> str:
+    _require(value in PROCESSING_MODES, name, "must be DISPATCH or CONVERSATION")
+    return cast(str, value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:

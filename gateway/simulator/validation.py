@@ -1,8 +1,23 @@
-"""What the simulator accepts as a SendMessageRequest, and Sinch's field violations."""
+"""What the simulator accepts as a SendMessageRequest, and Sinch's field violations.
+
+Besides the shape (app, recipient, exactly one message kind) it enforces Sinch's
+documented field limits: ``ttl`` of at least 3 seconds (a Duration string such as
+``"10s"`` or ``"3.5s"``, or a number of seconds), ``correlation_id`` of at most 128
+characters, ``queue`` one of ``NORMAL_PRIORITY`` / ``HIGH_PRIORITY``.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Any, Final
+
 from gateway.envelope import MESSAGE_KINDS
+
+MIN_TTL_S: Final = 3.0
+MAX_CORRELATION_ID: Final = 128
+QUEUES: Final = frozenset({"NORMAL_PRIORITY", "HIGH_PRIORITY"})
+_DURATION: Final = re.compile(r"^([0-9]+(?:\.[0-9]{1,9})?)s$")
 
 
 def violation(field: str, description: str) -> dict[str, str]:
@@ -13,7 +28,7 @@ def validate_send(body: object) -> list[dict[str, str]]:
     """Field violations of a SendMessageRequest; empty when it is acceptable."""
     if not isinstance(body, dict):
         return [violation("", "The request body must be a JSON object.")]
-    out: list[dict[str, str]] = []
+    out: list[dict[str, str]] = _field_limits(body)
     app_id = body.get("app_id")
     if not isinstance(app_id, str) or not app_id:
         out.append(violation("app_id", "app_id is required and must be a string."))
@@ -63,4 +78,37 @@ def validate_send(body: object) -> list[dict[str, str]]:
                 out.append(violation(f"message.{kind}", f"{kind} must be an object."))
             elif kind == "text_message" and not isinstance(content.get("text"), str):
                 out.append(violation("message.text_message.text", "text must be a string."))
+    return out
+
+
+def ttl_seconds(value: object) -> float | None:
+    """``ttl`` in seconds (``"10s"``, ``"2.5s"`` or a number), or None if malformed."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1))
+    else:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _field_limits(body: dict[str, Any]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    if "ttl" in body:
+        seconds = ttl_seconds(body["ttl"])
+        if seconds is None:
+            out.append(violation("ttl", 'ttl must be a duration such as "10s".'))
+        elif seconds < MIN_TTL_S:
+            out.append(violation("ttl", "ttl must be at least 3 seconds."))
+    correlation = body.get("correlation_id")
+    if correlation is not None:
+        if not isinstance(correlation, str):
+            out.append(violation("correlation_id", "correlation_id must be a string."))
+        elif len(correlation) > MAX_CORRELATION_ID:
+            out.append(
+                violation("correlation_id", "correlation_id must be at most 128 characters.")
+            )
+    queue = body.get("queue")
+    if queue is not None and queue not in QUEUES:
+        out.append(violation("queue", "queue must be NORMAL_PRIORITY or HIGH_PRIORITY."))
     return out

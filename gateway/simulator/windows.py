@@ -64,21 +64,27 @@ class LeakyQueue:
     """An ingress queue of ``depth`` messages drained continuously at a rate.
 
     The rate is passed at each call so that a runtime change applies at once; the
-    drain between two calls uses the rate of the later call.
+    drain between two calls uses the rate of the later call. ``drained`` counts every
+    message (fraction) that ever left, so a message pushed when ``drained + depth``
+    was ``x`` has left the queue once ``drained >= x + 1`` (first in, first out).
     """
 
-    __slots__ = ("_last", "depth")
+    __slots__ = ("_last", "depth", "drained")
 
     def __init__(self, now: float) -> None:
         self.depth = 0.0
+        self.drained = 0.0
         self._last = now
 
     def drain(self, now: float, rate: float) -> float:
         """Drain the queue up to ``now``; return the current depth."""
         elapsed = now - self._last
         if elapsed > 0.0:
-            depth = self.depth - elapsed * rate
-            self.depth = depth if depth > 0.0 else 0.0
+            out = elapsed * rate
+            if out > self.depth:
+                out = self.depth
+            self.depth -= out
+            self.drained += out
             self._last = now
         return self.depth
 
