@@ -9,11 +9,15 @@ evaluating deploy/prometheus/alerts.yml. Then:
 - ``promtool check metrics`` accepts both live scrapes;
 - every metric named by the dashboard and the rules is in those scrapes;
 - every dashboard query and every rule evaluates on that Prometheus.
+
+The test never touches another Prometheus of the machine (the Debian package's
+service may hold 9090): it talks only to its own, and stops it by its PID.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import uuid
@@ -59,6 +63,7 @@ class Stack:
     gateway: str
     simulator: str
     secret: str
+    tmp: Path
 
     async def query(self, promql: str) -> dict[str, Any]:
         async with self.http.get(
@@ -158,6 +163,7 @@ async def stack(
                 f"http://127.0.0.1:{gateway.http_port}",
                 f"http://127.0.0.1:{sim_port}",
                 settings.key_secret.reveal(),
+                tmp,
             )
             try:
                 await wait_until_scraping(s, proc, tmp)
@@ -187,6 +193,32 @@ async def wait_until_scraping(s: Stack, proc: subprocess.Popen[bytes], tmp: Path
             return False
 
     await wait_for(up, 20, what="prometheus to scrape the gateway and the simulator")
+
+
+async def test_the_prometheus_queried_is_the_tests_own(stack: Stack) -> None:
+    async with stack.http.get(f"{stack.prometheus}/api/v1/status/flags") as resp:
+        flags = (await resp.json())["data"]
+    assert flags["web.listen-address"] == stack.prometheus.removeprefix("http://")
+    assert not flags["web.listen-address"].endswith(":9090")
+    assert Path(flags["storage.tsdb.path"]).is_relative_to(stack.tmp)
+    assert Path(flags["config.file"]).is_relative_to(stack.tmp)
+
+
+def ci_commands() -> str:
+    """The commands of .ci/run, comments left out."""
+    script = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
+    lines = (line.split("#", 1)[0] for line in script.splitlines())
+    return "\n".join(line for line in lines if line.strip())
+
+
+async def test_ci_leaves_the_machines_processes_alone() -> None:
+    """.ci/run installs packages; it never stops or kills a process it did not start."""
+    commands = ci_commands()
+    assert not re.search(r"\b(pkill|killall|kill|systemctl|service)\b", commands), commands
+    assert re.search(r"apt-get install .*packages", commands)
+    assert "packages+=(prometheus)" in commands
+    assert "packages+=(redis-server)" in commands
+    assert "9090" not in commands
 
 
 async def test_prometheus_stores_the_sent_count(stack: Stack) -> None:
