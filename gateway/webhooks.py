@@ -154,7 +154,6 @@ class WebhookReceiver:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
-        nonce_cache_size: int = 1_000_000,
         publish_timeout_s: float = 10.0,
     ) -> None:
         self._s = settings
@@ -170,7 +169,9 @@ class WebhookReceiver:
         ]
         # A timestamp is accepted up to max_age after it, and it can arrive up
         # to max_age before it: a nonce must be remembered that long after receipt.
-        self._nonces = BoundedTtlMap(nonce_cache_size, 2 * self._max_age, clock)
+        # Past webhook_nonce_cache_size the oldest go first (memory stays bounded).
+        self._nonces = BoundedTtlMap(settings.webhook_nonce_cache_size, 2 * self._max_age, clock)
+        metrics.webhook_nonces.set_function(self._nonces.__len__)
         self._sent = BoundedTtlMap(settings.status_map_size, settings.status_map_ttl_s, clock)
         self._publisher: Publisher | None = None
         self._counters: dict[tuple[str, str], Counter] = {}
