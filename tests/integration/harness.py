@@ -19,6 +19,7 @@ from gateway.demo import demo_settings, publish, read_records
 from gateway.settings import Settings
 
 __all__ = [
+    "committed_and_end",
     "committed_total",
     "publish",
     "read_records",
@@ -80,6 +81,38 @@ async def committed_total(bootstrap: str, topic: str, group_id: str, partitions:
             off = await consumer.committed(TopicPartition(topic, p))
             total += off or 0
         return total
+    finally:
+        await consumer.stop()
+
+
+async def committed_and_end(
+    bootstrap: str, topic: str, group_id: str
+) -> dict[int, tuple[int | None, int]]:
+    """Per partition of ``topic``: the group's committed offset (None if it never committed)
+    and the partition's end offset.
+
+    Committed offsets come from ``committed()`` on a consumer in the group that never joins
+    it (Tansu does not answer the admin offsets listing). End offsets are the high watermark
+    of a fetch: Tansu's ListOffsets(latest) answers the last batch's base offset + 1, so
+    ``end_offsets()`` alone undercounts; it only says where the last batch starts.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        await consumer.topics()  # metadata of every topic, this one included
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert tps, f"topic {topic} has no partitions"
+        committed = {tp.partition: await consumer.committed(tp) for tp in tps}
+        last_batch = await consumer.end_offsets(tps)
+        consumer.assign(tps)  # assigned, not subscribed: the group is left alone
+        for tp in tps:
+            consumer.seek(tp, max(0, last_batch[tp] - 1))
+        async with asyncio.timeout(10):
+            while any(consumer.highwater(tp) is None for tp in tps):
+                await consumer.getmany(*tps, timeout_ms=100)
+        return {tp.partition: (committed[tp.partition], consumer.highwater(tp)) for tp in tps}
     finally:
         await consumer.stop()
 
