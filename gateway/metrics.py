@@ -73,48 +73,61 @@ class LaneDepth(Collector):
 
 
 class Metrics:
-    """The gateway's collectors. One instance per process (or per test)."""
+    """The gateway's collectors. One instance per process (or per test).
+
+    Attribute names are the interface the other modules use; each step below
+    creates one group of collectors on the registry.
+    """
 
     def __init__(self, registry: CollectorRegistry, *, max_app_labels: int = 200) -> None:
         self.registry = registry
         self.app_label = LabelCap(max_app_labels)
-        r = registry
+        self._intake(registry)
+        self._limits(registry)
+        self._sinch(registry)
+        self._outputs(registry)
+        self._webhook(registry)
+        self._operations(registry)
+
+        # Children of fixed label sets exist from the start at 0, so that rate()
+        # and increase() also count the first event of a series.
+        for status_class in STATUS_CLASSES:
+            self.responses.labels(status_class)
+        for result in ("success", "failure"):
+            self.token_refreshes.labels(result)
+            self.commits.labels(result)
+        for scope in ("auth", "project", "app"):
+            self.sending_paused.labels(scope)
+
+    def _intake(self, r: CollectorRegistry) -> None:
+        """Records read from Kafka, and what holds them before a lane."""
         self.consumed = Counter(
             "gateway_requests_consumed", "Records read from the requests topic.", registry=r
-        )
-        self.outcomes = Counter(
-            "gateway_requests_finished",
-            "Requests that reached a terminal outcome, by app and status "
-            "(sent, failed, expired, rejected).",
-            ["app_id", "status"],
-            registry=r,
-        )
-        self.responses = Counter(
-            "gateway_sinch_responses",
-            "Answers from the Conversation API by HTTP status class "
-            "(2xx, 4xx, 429, 5xx, or 'error' when there was no answer).",
-            ["status_class"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "gateway_retries", "Attempts scheduled again, by reason.", ["reason"], registry=r
-        )
-        self.in_doubt = Counter(
-            "gateway_in_doubt",
-            "Attempts that may have reached Sinch without an answer (timeouts after sending).",
-            registry=r,
         )
         self.duplicates = Counter(
             "gateway_duplicates_skipped",
             "Records skipped because their request_id was already sent or is in flight.",
             registry=r,
         )
-        self.dlq = Counter(
-            "gateway_dlq_records",
-            "Records written to the dead-letter topic, by reason.",
-            ["reason"],
+        self.buffered = Gauge(
+            "gateway_buffered_records",
+            "Records read from Kafka and not finished yet (the memory budget).",
             registry=r,
         )
+        self.paused_partitions = Gauge(
+            "gateway_paused_partitions", "Partitions paused for back-pressure.", registry=r
+        )
+        self.lag = Gauge(
+            "gateway_consumer_lag",
+            "Records in the partition after the last one read.",
+            ["partition"],
+            registry=r,
+        )
+
+    def _limits(self, r: CollectorRegistry) -> None:
+        """Lanes and rate-limit buckets."""
+        self.lane_depth = LaneDepth(self.app_label)
+        r.register(self.lane_depth)
         self.limiter_wait = Histogram(
             "gateway_limiter_wait_seconds",
             "Time a request waited for its rate-limit slots.",
@@ -133,31 +146,27 @@ class Metrics:
             ["scope", "bucket"],
             registry=r,
         )
+
+    def _sinch(self, r: CollectorRegistry) -> None:
+        """Calls to the Conversation API: answers, retries, latency."""
+        self.responses = Counter(
+            "gateway_sinch_responses",
+            "Answers from the Conversation API by HTTP status class "
+            "(2xx, 4xx, 429, 5xx, or 'error' when there was no answer).",
+            ["status_class"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "gateway_retries", "Attempts scheduled again, by reason.", ["reason"], registry=r
+        )
+        self.in_doubt = Counter(
+            "gateway_in_doubt",
+            "Attempts that may have reached Sinch without an answer (timeouts after sending).",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "gateway_in_flight_requests",
             "Requests sent to Sinch and not answered yet.",
-            registry=r,
-        )
-        self.lane_depth = LaneDepth(self.app_label)
-        r.register(self.lane_depth)
-        self.buffered = Gauge(
-            "gateway_buffered_records",
-            "Records read from Kafka and not finished yet (the memory budget).",
-            registry=r,
-        )
-        self.paused_partitions = Gauge(
-            "gateway_paused_partitions", "Partitions paused for back-pressure.", registry=r
-        )
-        self.lag = Gauge(
-            "gateway_consumer_lag",
-            "Records in the partition after the last one read.",
-            ["partition"],
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "gateway_end_to_end_latency_seconds",
-            "From the Kafka record timestamp to Sinch's acceptance.",
-            buckets=E2E_BUCKETS,
             registry=r,
         )
         self.sinch_latency = Histogram(
@@ -166,6 +175,71 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.e2e = Histogram(
+            "gateway_end_to_end_latency_seconds",
+            "From the Kafka record timestamp to Sinch's acceptance.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+
+    def _outputs(self, r: CollectorRegistry) -> None:
+        """Endings, the Kafka writes behind them, and the offsets they let commit."""
+        self.outcomes = Counter(
+            "gateway_requests_finished",
+            "Requests that reached a terminal outcome, by app and status "
+            "(sent, failed, expired, rejected).",
+            ["app_id", "status"],
+            registry=r,
+        )
+        self.dlq = Counter(
+            "gateway_dlq_records",
+            "Records written to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.outcome_write_failures = Counter(
+            "gateway_outcome_write_failures",
+            "Result, status or DLQ records Kafka refused (each is retried), by topic.",
+            ["topic"],
+            registry=r,
+        )
+        self.outcome_writes_failing = Gauge(
+            "gateway_outcome_writes_failing",
+            "Records whose outputs Kafka refuses now; their partitions commit nothing past them.",
+            registry=r,
+        )
+        self.outcome_oldest_failure = Gauge(
+            "gateway_outcome_oldest_failure_seconds",
+            "Seconds since the oldest refused output write still being retried first failed.",
+            registry=r,
+        )
+        self.commits = Counter(
+            "gateway_offset_commits", "Offset commits, by result.", ["result"], registry=r
+        )
+        self.commit_stalled = Gauge(
+            "gateway_partition_commit_stalled_seconds",
+            "Seconds the committed offset of a partition has stood still while the partition "
+            "holds records (0 when it moves or holds none).",
+            ["partition"],
+            registry=r,
+        )
+
+    def _webhook(self, r: CollectorRegistry) -> None:
+        """Signed callbacks from Sinch."""
+        self.webhook_events = Counter(
+            "gateway_webhook_events",
+            "Callbacks received on the webhook, by trigger and result.",
+            ["trigger", "result"],
+            registry=r,
+        )
+        self.webhook_nonces = Gauge(
+            "gateway_webhook_nonce_cache_entries",
+            "Nonces the webhook remembers against replays (at most webhook_nonce_cache_size).",
+            registry=r,
+        )
+
+    def _operations(self, r: CollectorRegistry) -> None:
+        """Whether the gateway can send at all: token, holds, readiness."""
         self.token_refreshes = Counter(
             "gateway_token_refreshes", "OAuth2 token fetches, by result.", ["result"], registry=r
         )
@@ -183,51 +257,4 @@ class Metrics:
             ["scope"],
             registry=r,
         )
-        self.webhook_events = Counter(
-            "gateway_webhook_events",
-            "Callbacks received on the webhook, by trigger and result.",
-            ["trigger", "result"],
-            registry=r,
-        )
-        self.webhook_nonces = Gauge(
-            "gateway_webhook_nonce_cache_entries",
-            "Nonces the webhook remembers against replays (at most webhook_nonce_cache_size).",
-            registry=r,
-        )
-        self.commits = Counter(
-            "gateway_offset_commits", "Offset commits, by result.", ["result"], registry=r
-        )
         self.ready = Gauge("gateway_ready", "1 when /readyz answers 200.", registry=r)
-        self.outcome_write_failures = Counter(
-            "gateway_outcome_write_failures",
-            "Result, status or DLQ records Kafka refused (each is retried), by topic.",
-            ["topic"],
-            registry=r,
-        )
-        self.outcome_writes_failing = Gauge(
-            "gateway_outcome_writes_failing",
-            "Records whose outputs Kafka refuses now; their partitions commit nothing past them.",
-            registry=r,
-        )
-        self.outcome_oldest_failure = Gauge(
-            "gateway_outcome_oldest_failure_seconds",
-            "Seconds since the oldest refused output write still being retried first failed.",
-            registry=r,
-        )
-        self.commit_stalled = Gauge(
-            "gateway_partition_commit_stalled_seconds",
-            "Seconds the committed offset of a partition has stood still while the partition "
-            "holds records (0 when it moves or holds none).",
-            ["partition"],
-            registry=r,
-        )
-
-        # Children of fixed label sets exist from the start at 0, so that rate()
-        # and increase() also count the first event of a series.
-        for status_class in STATUS_CLASSES:
-            self.responses.labels(status_class)
-        for result in ("success", "failure"):
-            self.token_refreshes.labels(result)
-            self.commits.labels(result)
-        for scope in ("auth", "project", "app"):
-            self.sending_paused.labels(scope)
