@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 YIELD_EVERY = 32  # records decoded between two turns of the event loop
 
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, intake: Intake) -> None:
         self._intake = intake
@@ -205,7 +206,11 @@ class Intake:
             share = max(1, room // len(parts))
             batch: dict[Any, list[Any]] = {}
             for tp in parts:
-                got = await consumer.getmany(tp, timeout_ms=0, max_records=share)
+                if room <= 0:  # never past the budget, however many partitions
+                    break
+                got = await consumer.getmany(tp, timeout_ms=0, max_records=min(share, room))
+                for records in got.values():
+                    room -= len(records)
                 batch.update(got)
             if batch:
                 return batch
@@ -348,9 +353,7 @@ class Intake:
         now = self._clock()
         limit = self._s.stall_timeout_s
         return sorted(
-            p
-            for p, t in self.trackers.items()
-            if t.pending and now - t.moved_at >= limit
+            p for p, t in self.trackers.items() if t.pending and now - t.moved_at >= limit
         )
 
     def _update_lag(self) -> None:

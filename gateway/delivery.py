@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class RateFeedback(Protocol):
     """Told about every answer so that buckets can adapt to the real limits."""
 

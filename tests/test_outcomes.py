@@ -169,7 +169,9 @@ async def test_dlq_record_keeps_the_original_headers_and_adds_the_reason() -> No
 @pytest.mark.parametrize(
     ("rid", "app"), [("r-9", "app-9"), (None, None)], ids=["readable", "unreadable"]
 )
-async def test_a_rejected_result_carries_what_could_be_read(rid: str | None, app: str | None) -> None:
+async def test_a_rejected_result_carries_what_could_be_read(
+    rid: str | None, app: str | None
+) -> None:
     h = Harness(ScriptedPublisher())
     h.tracker.add(0)
     origin = Origin(h.tracker, 0, key=b"k", value=b"{}")

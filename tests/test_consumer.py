@@ -1,0 +1,233 @@
+"""Intake with a scripted consumer, real lanes and outcomes, and a clock the test moves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from gateway.cli import sample_request
+from gateway.consumer import Intake
+from gateway.dedupe import RecentIds
+from gateway.envelope import Request
+from gateway.lanes import Lane, Lanes
+from gateway.limiter import Bucket
+from gateway.metrics import Metrics
+from gateway.outcomes import Outcomes
+from gateway.settings import load
+from tests.conftest import wait_for
+from tests.fakes import TOPIC, FakeClock, FakeConsumer, ScriptedPublisher
+
+RESULTS = "sinch.outbound.results"
+DLQ = "sinch.outbound.dlq"
+
+
+class Rig:
+    """Intake wired to lanes whose sender finishes a request when the test lets it."""
+
+    def __init__(self, **kw: Any) -> None:
+        base: dict[str, Any] = {"backoff_base_s": 0.005, "backoff_max_s": 0.02}
+        self.settings = load(env={}, **(base | kw))
+        self.clock = FakeClock()
+        self.consumer = FakeConsumer(partitions=2)
+        self.publisher = ScriptedPublisher()
+        self.metrics = Metrics(CollectorRegistry())
+        self.sent: list[str] = []
+        self.open = asyncio.Event()
+        self.open.set()
+        loop_clock = asyncio.get_running_loop().time
+        sent_ids = RecentIds(1000, 3600, self.clock)
+        self.outcomes = Outcomes(
+            settings=self.settings,
+            publisher=self.publisher,
+            metrics=self.metrics,
+            sent_ids=sent_ids,
+            clock=self.clock,
+            release=lambda ending, finished: self.intake.release(ending, finished),
+        )
+        self.lanes = Lanes(
+            project_bucket=Bucket("project", 10_000, clock=loop_clock),
+            make_app_bucket=lambda app: Bucket(f"app:{app}", 10_000, clock=loop_clock),
+            channel_buckets={},
+            max_in_flight=100,
+            sender=self.send,
+            clock=loop_clock,
+            hand_back=lambda req: self.intake.hand_back(req),
+        )
+        self.intake = Intake(
+            settings=self.settings,
+            metrics=self.metrics,
+            lanes=self.lanes,
+            outcomes=self.outcomes,
+            sent_ids=sent_ids,
+            clock=self.clock,
+            consumer_factory=lambda _listener: self.consumer,
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def send(self, req: Request, _lane: Lane) -> None:
+        await self.open.wait()
+        self.sent.append(req.request_id)
+        self.outcomes.sent(req, message_id="m", accepted_time="t", timings={})
+
+    def publish(self, partition: int, app_id: str, **envelope: Any) -> dict[str, Any]:
+        doc = sample_request(app_id, 0) | envelope
+        self.consumer.add(partition, orjson.dumps(doc), key=app_id.encode())
+        return doc
+
+    async def start(self, partitions: tuple[int, ...] = (0, 1)) -> None:
+        await self.intake.start()
+        tps = {TopicPartition(TOPIC, p) for p in partitions}
+        self.consumer.assigned = set(tps)
+        await self.intake.assign(tps)
+        self.task = asyncio.create_task(self.intake.run())
+
+    async def stop(self) -> None:
+        self.open.set()
+        self.intake.stop_fetching()
+        if self.task is not None:
+            await self.task
+        await self.lanes.close()
+        await self.outcomes.settle(None, 1.0)
+
+    def results(self) -> list[dict[str, Any]]:
+        return [orjson.loads(v or b"") for v, _k, _h in self.publisher.on(RESULTS)]
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Callable[..., Awaitable[Rig]]]:
+    made: list[Rig] = []
+
+    async def make(**kw: Any) -> Rig:
+        r = Rig(**kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        await r.stop()
+
+
+async def test_records_are_routed_rejected_and_deduplicated(rig: Any) -> None:
+    r = await rig()
+    first = r.publish(0, "a1")
+    r.publish(0, "a2")
+    r.consumer.add(0, b"not json", key=b"a1", headers=(("trace", b"t-1"),))
+    r.publish(0, "a1", request_id=first["request_id"])  # the same request again
+    r.publish(1, "a3", payload={"app_id": "a3"})  # no recipient: rejected, ids readable
+    await r.start()
+    await wait_for(lambda: len(r.results()) == 4, 5, what="four results")
+    assert sorted(r.sent) == sorted({first["request_id"], *r.sent})
+    assert len(r.sent) == 2
+    statuses = sorted(d["status"] for d in r.results())
+    assert statuses == ["rejected", "rejected", "sent", "sent"]
+    by_app = {d["app_id"]: d for d in r.results() if d["status"] == "rejected"}
+    assert by_app["a3"]["request_id"] is not None  # what could be read is carried
+    assert None in by_app  # the unreadable one has none
+    dlq = r.publisher.on(DLQ)
+    assert any(("trace", b"t-1") in headers for _v, _k, headers in dlq)
+    await wait_for(lambda: r.intake.buffered == 0, 5, what="the budget to be free")
+    await r.intake.commit()
+    assert r.consumer.committed_offset(0) == 4
+    assert r.consumer.committed_offset(1) == 1
+
+
+async def test_the_budget_pauses_and_resumes_partitions(rig: Any) -> None:
+    r = await rig(max_buffered_records=5, fetch_max_records=5)
+    r.open.clear()  # nothing finishes
+    for i in range(12):
+        r.publish(i % 2, f"a{i % 3}")
+    await r.start()
+    await wait_for(lambda: r.intake.paused, 5, what="intake to pause")
+    assert r.intake.buffered == 5
+    assert r.consumer.paused == r.consumer.assigned
+    r.open.set()
+    await wait_for(lambda: len(r.sent) == 12, 10, what="every record to be sent")
+    assert not r.consumer.paused
+
+
+async def test_commits_cover_only_the_contiguous_finished_prefix(rig: Any) -> None:
+    r = await rig()
+    slow = asyncio.Event()
+    fast_sent: list[str] = []
+
+    async def send(req: Request, _lane: Lane) -> None:
+        if req.app_id == "slow":
+            await slow.wait()
+        fast_sent.append(req.request_id)
+        r.outcomes.sent(req, message_id="m", accepted_time="t", timings={})
+
+    r.lanes._sender = send
+    r.publish(0, "slow")
+    for _ in range(5):
+        r.publish(0, "fast")
+    await r.start((0,))
+    await wait_for(lambda: len(fast_sent) == 5, 5, what="the fast app's sends")
+    await wait_for(lambda: r.intake.buffered == 1, 5, what="their results")
+    await r.intake.commit()
+    assert r.consumer.committed_offset(0) == 0  # the slow record holds the commit ...
+    meta = r.consumer.commits[-1][TopicPartition(TOPIC, 0)].metadata
+    assert meta.startswith("gw1:")  # ... and the five done beyond it are in the metadata
+    slow.set()
+    await wait_for(lambda: r.intake.buffered == 0, 5, what="the slow record")
+    await r.intake.commit()
+    assert r.consumer.committed_offset(0) == 6
+
+
+async def test_a_refused_write_holds_the_commit_and_trips_the_watchdog(rig: Any) -> None:
+    r = await rig(stall_timeout_s=60)
+    r.publisher.refuse = lambda topic, _v: "fail" if topic == RESULTS else "ack"
+    r.publish(0, "a1")
+    r.publish(0, "a2")
+    await r.start((0,))
+    await wait_for(lambda: r.outcomes.failing() == 2, 5, what="the writes to fail")
+    await r.intake.commit()
+    assert r.consumer.committed_offset(0) in (None, 0)  # nothing committed past it
+    assert r.intake.stalled() == []
+    r.clock.advance(61)
+    assert r.intake.stalled() == [0]
+    r.publisher.refuse = lambda topic, _v: "ack"
+    await wait_for(lambda: r.intake.buffered == 0, 5, what="the writes to go through")
+    await r.intake.commit()
+    assert r.consumer.committed_offset(0) == 2
+    assert r.intake.stalled() == []
+
+
+async def test_revocation_hands_back_queued_work_and_commits(rig: Any) -> None:
+    r = await rig(revoke_timeout_s=0.2)
+    loop_clock = asyncio.get_running_loop().time
+    r.lanes._make_app_bucket = lambda app: Bucket(f"app:{app}", 1, clock=loop_clock)
+    r.open.clear()
+    for _ in range(4):
+        r.publish(0, "a1")
+    await r.start((0,))
+    # the first is in flight (held by Sinch), the second waits for its slot, two are queued
+    await wait_for(lambda: r.lanes.in_flight == 1, 5, what="one send in flight")
+    assert r.intake.buffered == 4
+    await r.intake.revoke({TopicPartition(TOPIC, 0)})
+    assert 0 not in r.intake.trackers
+    assert r.lanes.lanes["a1"].depth == 0  # the queued ones were handed back
+    r.open.set()
+    await wait_for(lambda: r.intake.buffered == 0, 5, what="the budget to be free")
+    assert len(r.sent) == 1  # only the one in flight was sent; the next owner sends the rest
+    assert r.consumer.committed_offset(0) in (None, 0)
+
+
+async def test_pause_is_reapplied_after_a_new_assignment(rig: Any) -> None:
+    r = await rig(max_buffered_records=2, fetch_max_records=2)
+    r.open.clear()
+    for _ in range(4):
+        r.publish(0, "a1")
+    await r.start((0,))
+    await wait_for(lambda: r.intake.paused, 5, what="intake to pause")
+    # a rebalance: aiokafka resumes everything it assigns
+    r.consumer.paused.clear()
+    r.consumer.assigned = {TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)}
+    await r.intake.assign({TopicPartition(TOPIC, 1)})
+    assert r.consumer.paused == r.consumer.assigned
+    assert r.intake.buffered <= 2
