@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.metrics import Metrics
@@ -142,6 +143,30 @@ def alert_names() -> list[str]:
     return re.findall(r"^\s*- alert:\s*(\w+)\s*$", ALERTS.read_text(), re.MULTILINE)
 
 
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+SYNTHETIC = {"up"}  # made by Prometheus, not exported
+
+
+def declared_series() -> set[str]:
+    """Every series name the gateway's and the simulator's collectors can export."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+    }
+    sim_registry = CollectorRegistry()
+    make_app(SimulatorSettings(port=0), sim_registry)
+    names = set()
+    for registry in (Metrics(CollectorRegistry()).registry, sim_registry):
+        for family in registry.collect():
+            names.add(family.name)
+            names.update(family.name + suffix for suffix in suffixes.get(family.type, ()))
+    return names
+
+
 # -- promtool ------------------------------------------------------------------------
 
 
@@ -199,6 +224,19 @@ def test_the_required_alerts_exist() -> None:
     assert len(set(alert_names())) == len(alert_names())
 
 
+def test_new_alerts_watch_outputs_progress_and_the_project() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    assert "gateway_outcome_writes_failing" in rules["GatewayOutcomeWritesFailing"]["expr"]
+    stalled = rules["GatewayPartitionStalled"]["expr"]
+    assert "gateway_partition_commit_stalled_seconds" in stalled
+    assert "> 300" in stalled  # the default stall_timeout_s, where /readyz turns false
+    assert 'scope="project"' in rules["GatewayProjectRefused"]["expr"]
+    for rule in rules.values():
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
+        assert rule["annotations"]["description"], rule["alert"]
+
+
 # -- Grafana -------------------------------------------------------------------------
 
 
@@ -241,6 +279,55 @@ def test_dashboard_covers_every_gateway_metric() -> None:
     bases = {re.sub(r"_(?:total|bucket|sum|count)$", "", n) for n in used}
     declared = {family.name for family in m.registry.collect()}
     assert sorted(declared - bases) == []
+
+
+def test_dashboard_and_rules_name_only_declared_metrics() -> None:
+    """Checked without a stack; tests/integration/test_prometheus.py checks a live scrape."""
+    declared = declared_series()
+    queries = {
+        **{f"dashboard: {e}": e for e in dashboard_exprs()},
+        **{f"variable: {q}": q for q in dashboard_variable_queries()},
+        **{f"alert {r['alert']}: {r['expr']}": r["expr"] for r in alert_rules()},
+    }
+    unknown = {
+        where: sorted(metric_names(q) - declared - SYNTHETIC)
+        for where, q in queries.items()
+        if metric_names(q) - declared - SYNTHETIC
+    }
+    assert unknown == {}
+    assert all(metric_names(q) for q in queries.values())
+    # the comparison can fail: a misspelt metric is caught
+    assert metric_names("gateway_outcome_write_failure_total") - declared
+
+
+def test_dashboard_panels_do_not_overlap() -> None:
+    taken: dict[tuple[int, int], str] = {}
+    for p in dashboard()["panels"]:
+        pos = p["gridPos"]
+        for y in range(pos["y"], pos["y"] + pos["h"]):
+            for x in range(pos["x"], pos["x"] + pos["w"]):
+                assert (x, y) not in taken, f"{p['title']} overlaps {taken[(x, y)]}"
+                taken[(x, y)] = p["title"]
+
+
+def test_outputs_and_progress_row_shows_the_new_metrics() -> None:
+    panels = dashboard()["panels"]
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row"]
+    start = next(i for i in rows if panels[i]["title"] == "Outputs and progress")
+    end = next((i for i in rows if i > start), len(panels))
+    exprs = [t["expr"] for p in panels[start + 1 : end] for t in p["targets"]]
+    shown = set().union(*(metric_names(e) for e in exprs))
+    assert shown == {
+        "gateway_outcome_write_failures_total",
+        "gateway_outcome_writes_failing",
+        "gateway_outcome_oldest_failure_seconds",
+        "gateway_partition_commit_stalled_seconds",
+        "gateway_sending_paused",
+        "gateway_webhook_nonce_cache_entries",
+    }
+    assert any("by (topic)" in e for e in exprs)
+    assert any("by (partition)" in e for e in exprs)
+    assert any("project" in e and "gateway_sending_paused" in e for e in exprs)
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_dir() -> None:
