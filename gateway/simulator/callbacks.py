@@ -421,19 +421,19 @@ class CallbackDispatcher:
         delayed = self._delayed
         wake = self._wake
         while True:
+            wake.clear()
             if not delayed:
-                wake.clear()
                 await wake.wait()
                 continue
-            due, _, job = delayed[0]
-            wait = due - loop.time()
-            if wait > 0.0:
-                wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), wait)
+            due = delayed[0][0]
+            if due > loop.time():
+                timer = loop.call_at(due, wake.set)
+                try:
+                    await wake.wait()
+                finally:
+                    timer.cancel()
                 continue
-            heapq.heappop(delayed)
-            self._offer(job)
+            self._offer(heapq.heappop(delayed)[2])
 
     async def _worker(self) -> None:
         queue = self._queue

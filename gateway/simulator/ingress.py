@@ -125,21 +125,27 @@ class DeparturePump:
         loop = asyncio.get_running_loop()
         heap, wake = self._heap, self._wake
         while True:
+            wake.clear()
             if not heap:
-                wake.clear()
                 await wake.wait()
                 continue
-            wait = heap[0][0] - loop.time()
-            if wait > 0.0:
-                wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), wait)
-                continue
-            _, _, queue = heapq.heappop(heap)
             now = loop.time()
-            rate = self._rate_of(queue.app_id)
-            for item in queue.leave(now, rate):
-                self._release(item)
-            due = queue.next_departure(now, rate)
-            if due is not None:
-                self._arm(max(due, now + 0.001), queue)
+            if heap[0][0] > now:
+                timer = loop.call_at(heap[0][0], wake.set)
+                try:
+                    await wake.wait()
+                finally:
+                    timer.cancel()
+                continue
+            while heap and heap[0][0] <= now:
+                _, _, queue = heapq.heappop(heap)
+                self._let_out(queue, now)
+
+    def _let_out(self, queue: IngressQueue, now: float) -> None:
+        rate = self._rate_of(queue.app_id)
+        for item in queue.leave(now, rate):
+            self._release(item)
+        due = queue.next_departure(now, rate)
+        if due is not None:
+            # Not out yet by rounding: look again a millisecond later, not in a busy loop.
+            self._arm(max(due, now + 0.001), queue)

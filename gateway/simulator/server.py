@@ -6,6 +6,10 @@ Routes (``make_app(settings)``):
 - ``POST /v1/projects/{project_id}/messages:send`` (``default_region``) and
   ``POST /{region}/v1/projects/{project_id}/messages:send`` (us, eu, br). Point a
   client at ``http://HOST:PORT/{region}`` as its conversation base URL.
+- ``GET [/{region}]/v1/projects/{project_id}/apps/{app_id}``: the App resource
+  (:mod:`gateway.simulator.apps`) with ``rate_limits`` and a live ``queue_stats``;
+  same auth as a send, 403 while ``project_forbidden``, 404 for another project or
+  an app that does not exist in that region, 429 over the project cap.
 - ``GET /_sim/stats``, ``GET /_sim/accepted``, ``POST /_sim/config``,
   ``POST /_sim/hold``, ``POST /_sim/release``, ``POST /_sim/expire-tokens``,
   ``POST /_sim/reset``, ``POST /_sim/inbound``, ``GET /metrics``.
@@ -13,17 +17,23 @@ Routes (``make_app(settings)``):
 A send is checked in this order, the first failure answers:
 auth (401; an expired bearer token adds ``www-authenticate: Bearer
 error="invalid_token", error_description="expired"``, an unknown one ``Bearer
-error="invalid_token"``) → project id (404) → body (400 with ``field_violations``)
-→ app exists in the region (404) → hold (the request waits, unanswered, until
-``/_sim/release``; everything below is evaluated after the release) → project cap
+error="invalid_token"``) → project id (404) → ``project_forbidden`` (403
+PERMISSION_DENIED) → body (400 with ``field_violations``: shape, ``ttl``,
+``correlation_id``, ``queue``, size) → app exists in the region (404) → hold (the
+request waits, unanswered, until ``/_sim/release``; everything below is evaluated
+after the release) → project cap
 (429) → app limit (429: ingress queue full, or in strict mode the 1-second window
 full) → Basic-auth limit (429) → injected fault (500/503) → accepted (200, after
 ``latency_s`` plus up to ``latency_jitter_s``).
 
-Rate accounting uses ``loop.time()``. Limits count *accepted* sends; the
-*received* windows (every send that passed auth) only feed the statistics.
+Rate accounting uses ``loop.time()``. Limits count *accepted* sends (the project
+cap also counts answered app reads); the *received* windows (every send that
+passed auth) only feed the statistics. In normal mode an accepted send enters its
+app's ingress queue (:mod:`gateway.simulator.ingress`) and its delivery reports
+start when it leaves; in strict mode they start at once.
 
-``Retry-After``: every 429 carries it, and only 429s do. Its value is whole
+``Retry-After``: every 429 carries it, and only 429s do, with the same value as a
+``google.rpc.RetryInfo`` ``retryDelay`` in ``error.details``. Its value is whole
 seconds, at least 1: the ceiling of the exact time after which the limit that
 refused the request would admit it (for the 1-second windows this is always 1).
 Injected 500/503 carry none, because they are random and a hint would be a lie.
@@ -50,13 +60,14 @@ from typing import Any, Final, cast
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from gateway.simulator.apps import app_resource
 from gateway.simulator.callbacks import CallbackDispatcher, Stamper
 from gateway.simulator.collector import SimulatorMetrics
+from gateway.simulator.controls import Controls, snapshot
 from gateway.simulator.ingress import DeparturePump, IngressQueue
-from gateway.simulator.settings import ProcessingMode, SimulatorSettings, patch
+from gateway.simulator.settings import ProcessingMode, SimulatorSettings
 from gateway.simulator.validation import validate_send, violation
 from gateway.simulator.windows import SlidingWindow
 
@@ -91,8 +102,8 @@ class Simulator:
         self.departures = DeparturePump(lambda app_id: self.settings.drain_rate(app_id), self._left)
         self.tokens: dict[str, float] = {}
         self.token_requests = 0
-        self._hold_all = False
-        self._held_apps: set[str] = set()
+        self.hold_all = False
+        self.held_apps: set[str] = set()
         self._release = asyncio.Event()
         self.held = 0
         self._reset_counters()
@@ -228,7 +239,7 @@ class Simulator:
         if self.settings.region_of(app_id) != region:
             return self._error("send", 404, "NOT_FOUND", "App not found in this region.")
         correlation = self._note_duplicate(body)
-        if self._hold_all or self._held_apps:
+        if self.hold_all or self.held_apps:
             await self._wait_if_held(app_id)
             now = loop.time()
             app = self._app(app_id, now)  # a reset may have happened meanwhile
@@ -429,188 +440,64 @@ class Simulator:
         return self._error("send", 400, "INVALID_ARGUMENT", message, details=[detail])
 
     async def _wait_if_held(self, app_id: str) -> None:
-        while self._hold_all or app_id in self._held_apps:
+        while self.hold_all or app_id in self.held_apps:
             self.held += 1
             try:
                 await self._release.wait()
             finally:
                 self.held -= 1
 
-    # -- controls ----------------------------------------------------------------
-
-    async def stats(self, request: web.Request) -> web.Response:
-        return _json(self.snapshot())
+    # -- state the control API reads and changes (gateway.simulator.controls) -----
 
     def snapshot(self) -> dict[str, Any]:
-        """The ``/_sim/stats`` document (counts since start or the last reset).
+        """The ``/_sim/stats`` document (see :func:`gateway.simulator.controls.snapshot`)."""
+        return snapshot(self)
 
-        ``received_total`` counts sends that passed auth; ``max_received_per_s`` /
-        ``max_accepted_per_s`` are the largest numbers of such / of accepted sends
-        inside any 1-second window, for the project and per app. ``duplicates``:
-        ``total`` sends carried a ``correlation_id`` (else ``message_metadata``)
-        already accepted before, ``accepted`` of them were accepted again, ``ids``
-        the first 100 such ids. Times: ``*_send_time`` on ``loop.time()``,
-        ``*_send_wall`` unix seconds. ``accepted_log_dropped``: accepted sends no
-        longer in ``/_sim/accepted`` (it keeps the last ``accepted_log_size``).
-        """
-        apps = self.apps
-        counts = self.status_counts
-        return {
-            "received_total": self.received_total,
-            "accepted_total": self.accepted_total,
-            "accepted_by_app": {a: s.accepted_total for a, s in apps.items() if s.accepted_total},
-            "rejected_429": {"total": counts.get(429, 0), **self.rejected_429},
-            "injected_5xx": {
-                "total": counts.get(500, 0) + counts.get(503, 0),
-                "500": counts.get(500, 0),
-                "503": counts.get(503, 0),
-            },
-            "unauthorized_401": counts.get(401, 0),
-            "bad_request_400": counts.get(400, 0),
-            "invalid": {"total": sum(self.invalid.values()), **self.invalid},
-            "forbidden_403": counts.get(403, 0),
-            "not_found_404": counts.get(404, 0),
-            "token_requests": self.token_requests,
-            "max_received_per_s": {
-                "project": self.project_received.peak,
-                "by_app": {a: s.received.peak for a, s in apps.items()},
-            },
-            "max_accepted_per_s": {
-                "project": self.project_accepted.peak,
-                "by_app": {a: s.accepted.peak for a, s in apps.items()},
-            },
-            "duplicates": {
-                "total": self.duplicates,
-                "accepted": self.duplicates_accepted,
-                "ids": list(self.duplicate_ids),
-            },
-            "first_send_time": self.first_send[0] if self.first_send else None,
-            "last_send_time": self.last_send[0] if self.last_send else None,
-            "first_send_wall": self.first_send[1] if self.first_send else None,
-            "last_send_wall": self.last_send[1] if self.last_send else None,
-            "held": self.held,
-            "app_reads": self.app_reads,
-            "queue_size_by_app": self._queue_sizes(),
-            "callbacks": self.callbacks.counts(),
-            "accepted_log_dropped": self.accepted_total - len(self.accepted_log),
-        }
-
-    def _queue_sizes(self) -> dict[str, int]:
+    def queue_sizes(self) -> dict[str, int]:
+        """Messages waiting in each app's ingress queue now (none in strict mode)."""
         if self.settings.strict:
             return {}
         now = asyncio.get_running_loop().time()
         rate = self.settings.drain_rate
         return {a: s.queue.size(now, rate(a)) for a, s in self.apps.items()}
 
-    async def accepted(self, request: web.Request) -> web.Response:
-        return _json(
-            [
-                {"message_id": m, "app_id": a, "correlation_id": c, "accepted_time": t}
-                for m, a, c, t in self.accepted_log
-            ]
-        )
-
-    async def config(self, request: web.Request) -> web.Response:
-        changes = await _read_object(request)
-        try:
-            if changes is None:
-                raise ValueError("body: must be a JSON object")
-            settings = patch(self.settings, changes)
-        except ValueError as exc:
-            return self._error("sim", 400, "INVALID_ARGUMENT", str(exc))
-        # Queues drain at the old rates up to now; the new rates apply from now on.
+    def reconfigure(self, settings: SimulatorSettings) -> None:
+        """Switch to ``settings``; queues drain at the old rates up to now."""
         now = asyncio.get_running_loop().time()
         for app_id, state in self.apps.items():
             state.queue.leaky.drain(now, self.settings.drain_rate(app_id))
         self.settings = settings
         self.departures.rates_changed(now)
         self.callbacks.failed_fraction = settings.callback_failed_fraction
-        return _json({name: _plain(getattr(self.settings, name)) for name in sorted(changes)})
 
-    async def hold(self, request: web.Request) -> web.Response:
-        target = await _read_object(request)
-        app_id = (target or {}).get("app_id")
-        if isinstance(app_id, str):
-            self._held_apps.add(app_id)
-        else:
-            self._hold_all = True
-        return _json({"hold_all": self._hold_all, "held_apps": sorted(self._held_apps)})
+    def reset(self) -> None:
+        """What ``/_sim/reset`` clears (see the module docstring)."""
+        self._reset_counters()
+        self.token_requests = 0
+        self.callbacks.reset_counts()
 
-    async def release(self, request: web.Request) -> web.Response:
-        target = await _read_object(request)
-        app_id = (target or {}).get("app_id")
-        if isinstance(app_id, str):
-            self._held_apps.discard(app_id)
-            self._wake_held()
+    def hold(self, app_id: str | None) -> None:
+        """Hold the sends of ``app_id``, or of every app when None."""
+        if app_id is None:
+            self.hold_all = True
         else:
-            self.release_all()
-        return _json({"hold_all": self._hold_all, "held_apps": sorted(self._held_apps)})
+            self.held_apps.add(app_id)
+
+    def release(self, app_id: str) -> None:
+        """Stop holding ``app_id`` (a hold of every app stays)."""
+        self.held_apps.discard(app_id)
+        self._wake_held()
 
     def release_all(self) -> None:
         """Stop holding anything and wake every held send."""
-        self._hold_all = False
-        self._held_apps.clear()
+        self.hold_all = False
+        self.held_apps.clear()
         self._wake_held()
 
     def _wake_held(self) -> None:
         # Held sends re-check their condition; a fresh event serves the next hold.
         self._release.set()
         self._release = asyncio.Event()
-
-    async def expire_tokens(self, request: web.Request) -> web.Response:
-        now = asyncio.get_running_loop().time()
-        tokens = self.tokens
-        for token, expiry in tokens.items():
-            if expiry > now:
-                tokens[token] = now
-        return _json({"expired": len(tokens)})
-
-    async def reset(self, request: web.Request) -> web.Response:
-        self._reset_counters()
-        self.token_requests = 0
-        self.callbacks.reset_counts()
-        return _json({"reset": True})
-
-    async def inbound(self, request: web.Request) -> web.Response:
-        data = await _read_object(request) or {}
-        app_id, text = data.get("app_id"), data.get("text")
-        identity = data.get("identity", "46700000000")
-        if not all(isinstance(v, str) and v for v in (app_id, text, identity)):
-            return self._error(
-                "sim", 400, "INVALID_ARGUMENT", "app_id, text and identity must be strings."
-            )
-        if self.settings.callback_url is None:
-            return self._error("sim", 409, "FAILED_PRECONDITION", "No callback_url configured.")
-        mode = self.settings.processing_mode_of(str(app_id))
-        message_id = self.callbacks.inbound(str(app_id), str(text), str(identity), mode)
-        if message_id is None:
-            return self._error("sim", 503, "UNAVAILABLE", "Callback queue is full.")
-        return _json({"message_id": message_id})
-
-    async def metrics_view(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.metrics.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
-
-
-def _json(payload: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(payload), status=status, headers=_JSON_HEADERS)
-
-
-def _plain(value: object) -> object:
-    return dict(value) if isinstance(value, dict) else value
-
-
-async def _read_object(request: web.Request) -> dict[str, Any] | None:
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 SIMULATOR_KEY: Final = web.AppKey("sinch_simulator", Simulator)
@@ -648,13 +535,14 @@ def make_app(
     app.router.add_post("/{region:us|eu|br}/v1/projects/{project_id}/messages:send", sim.send)
     app.router.add_get("/v1/projects/{project_id}/apps/{app_id}", sim.get_app)
     app.router.add_get("/{region:us|eu|br}/v1/projects/{project_id}/apps/{app_id}", sim.get_app)
-    app.router.add_get("/_sim/stats", sim.stats)
-    app.router.add_get("/_sim/accepted", sim.accepted)
-    app.router.add_post("/_sim/config", sim.config)
-    app.router.add_post("/_sim/hold", sim.hold)
-    app.router.add_post("/_sim/release", sim.release)
-    app.router.add_post("/_sim/expire-tokens", sim.expire_tokens)
-    app.router.add_post("/_sim/reset", sim.reset)
-    app.router.add_post("/_sim/inbound", sim.inbound)
-    app.router.add_get("/metrics", sim.metrics_view)
+    controls = Controls(sim)
+    app.router.add_get("/_sim/stats", controls.stats)
+    app.router.add_get("/_sim/accepted", controls.accepted)
+    app.router.add_post("/_sim/config", controls.config)
+    app.router.add_post("/_sim/hold", controls.hold)
+    app.router.add_post("/_sim/release", controls.release)
+    app.router.add_post("/_sim/expire-tokens", controls.expire_tokens)
+    app.router.add_post("/_sim/reset", controls.reset)
+    app.router.add_post("/_sim/inbound", controls.inbound)
+    app.router.add_get("/metrics", controls.metrics_view)
     return app
