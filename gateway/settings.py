@@ -195,6 +195,12 @@ class Settings:
     # each replica paces the project at project_rate x (its partitions / all partitions)
     share_project_rate: bool = True
     apps: Mapping[str, AppSettings] = field(default_factory=dict)
+    # each active app's rate_limits.outbound and queue_stats are read from Sinch at
+    # start and every app_rate_refresh_s; an app with a non-empty queue (or slowed
+    # down for it) every app_queue_refresh_s (gateway.app_rates)
+    app_rates_from_sinch: bool = True
+    app_rate_refresh_s: float = 300.0
+    app_queue_refresh_s: float = 3.0
     channel_rates: Mapping[str, float] = field(default_factory=dict)
     max_in_flight: int = 512
     max_buffered_records: int = 20_000
@@ -340,6 +346,8 @@ _POSITIVE = (
     "status_map_ttl_s",
     "status_map_size",
     "max_app_labels",
+    "app_rate_refresh_s",
+    "app_queue_refresh_s",
 )
 
 

@@ -1,4 +1,4 @@
-"""Conversation API client: regional URLs, one POST, error mapping. No retries here.
+"""Conversation API client: regional URLs, send and app reads, error mapping. No retries here.
 
 ``send`` returns the parsed 200 answer or raises :class:`SinchError` (any HTTP
 error answer, with Sinch's error object and a retry hint) or
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -34,6 +36,21 @@ _JSON = "application/json"
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 # protobuf Duration in JSON: decimal seconds with up to 9 fractional digits, then "s"
 _DURATION = re.compile(r"-?\d+(?:\.\d{1,9})?s")
+
+
+@dataclass(frozen=True, slots=True)
+class AppInfo:
+    """What the App resource says about sending: None where Sinch said nothing usable.
+
+    ``outbound_rate`` is ``rate_limits.outbound`` (messages per second, > 0);
+    ``outbound_size``/``outbound_limit`` are ``queue_stats``: messages waiting in
+    the app's MT ingress queue and its capacity.
+    """
+
+    app_id: str
+    outbound_rate: float | None
+    outbound_size: int | None
+    outbound_limit: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +126,7 @@ def _transport_error(exc: Exception) -> TransportError:
 
 
 class SinchClient:
-    """POSTs ``messages:send`` for any region and project, over one pooled session."""
+    """``messages:send`` and app reads for any region and project, over one pooled session."""
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self._settings = settings
@@ -145,6 +162,37 @@ class SinchClient:
             raise _transport_error(exc) from exc
         if status == 200:
             return _accepted(raw, unreadable)
+        raise self._error(status, raw, retry_after, www_auth)
+
+    async def get_app(
+        self, *, region: str, project_id: str, app_id: str, authorization: str
+    ) -> AppInfo:
+        """``GET .../apps/{app_id}``: the app's outbound rate and ingress queue.
+
+        Errors map as for :meth:`send` (:class:`SinchError` with Sinch's error
+        object, :class:`TransportError` without an answer). A 200 whose body
+        cannot be read or lacks a field gives None for that field.
+        """
+        base = self._settings.conversation_base(region)
+        url = f"{base}/v1/projects/{quote(project_id, safe='')}/apps/{quote(app_id, safe='')}"
+        headers = {"Authorization": authorization, "Accept": _JSON}
+        raw: bytes | None = None
+        try:
+            async with self._session.get(url, headers=headers) as resp:
+                status = resp.status
+                retry_after = resp.headers.get("Retry-After")
+                www_auth = resp.headers.get("WWW-Authenticate", "")
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc) from exc
+        if status == 200:
+            return _app_info(app_id, raw)
+        raise self._error(status, raw, retry_after, www_auth)
+
+    def _error(
+        self, status: int, raw: bytes | None, retry_after: str | None, www_auth: str
+    ) -> SinchError:
+        """The :class:`SinchError` of an error answer, with its retry hint."""
         error: dict[str, Any] | None = None
         if raw is None:
             error = {"code": status, "message": "error body unreadable"}
@@ -159,7 +207,7 @@ class SinchClient:
         wait = retry_hint(parse_retry_after(retry_after), error, self._settings.backoff_max_s)
         answer = SinchError(status, error, wait)
         answer.token_expired = status == 401 and "expired" in www_auth.lower()
-        raise answer
+        return answer
 
 
 def _accepted(raw: bytes | None, unreadable: str) -> Accepted:
@@ -179,3 +227,34 @@ def _accepted(raw: bytes | None, unreadable: str) -> Accepted:
             unreadable = "no message_id"
     log.warning("Sinch answered 200 without a readable body (%s): sent, id unknown", unreadable)
     return Accepted(message_id=None, accepted_time=None)
+
+
+def _number(doc: Any, section: str, name: str) -> float | None:
+    """``doc[section][name]`` as a finite number >= 0; int64 fields may come as strings."""
+    part = doc.get(section) if isinstance(doc, dict) else None
+    value = part.get(name) if isinstance(part, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _app_info(app_id: str, raw: bytes | None) -> AppInfo:
+    try:
+        doc = orjson.loads(raw) if raw is not None else None
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        log.warning("Sinch answered 200 to an app read without a readable App resource")
+    rate = _number(doc, "rate_limits", "outbound")
+    size = _number(doc, "queue_stats", "outbound_size")
+    limit = _number(doc, "queue_stats", "outbound_limit")
+    return AppInfo(
+        app_id=app_id,
+        outbound_rate=rate if rate else None,
+        outbound_size=None if size is None else int(size),
+        outbound_limit=None if limit is None else int(limit),
+    )
