@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 
 import aiohttp
@@ -28,88 +29,144 @@ async def accepted_ids(sim) -> set[str]:
     return {a["correlation_id"] for a in await sim.accepted()}
 
 
+# Deadlines of the process tests, from their work: a gateway process starts, joins the
+# group and takes its partitions within START_S (after a SIGKILL the dead member's 2 s
+# session has to run out first); it sends at no less than 1 / SLOW of the configured rate;
+# a SIGTERM'd process exits within its shutdown timeout plus EXIT_S.
+START_S = 15.0
+SLOW = 2.0
+EXIT_S = 5.0
+SHUTDOWN_S = 5.0
+KILL_RATE, KILL_APPS, KILL_DOCS, KILL_IN_FLIGHT = 10, 20, 3000, 64
+KILL_AT = (500, 1200, 1900)
+
+
+def sending_s(count: int, rate: float) -> float:
+    """Deadline for ``count`` sends at ``rate``/s, started from a fresh process."""
+    return START_S + SLOW * count / rate
+
+
+KILL_PHASES_S = [
+    sending_s(n - before, KILL_RATE * KILL_APPS)
+    for before, n in zip((0, *KILL_AT[:-1]), KILL_AT, strict=True)
+]
+# after the last kill: the rest, and what was finished but not committed (sent again)
+KILL_REST_S = sending_s(KILL_DOCS - KILL_AT[-1] + KILL_IN_FLIGHT, KILL_RATE * KILL_APPS)
+KILL_TEST_S = sum(KILL_PHASES_S) + len(KILL_AT) * EXIT_S + KILL_REST_S + SHUTDOWN_S + EXIT_S
+
+
+async def exited(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """The process's exit code, waited for off the loop (the simulator runs on it)."""
+    return await asyncio.to_thread(proc.wait, timeout)
+
+
+def reap(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(EXIT_S)
+
+
+@pytest.mark.timeout(KILL_TEST_S + 30)  # + broker, publish and simulator reads
 async def test_sigkill_three_times_during_a_drain_loses_nothing(
     broker, simulator_factory, topics, tmp_path
 ):
-    sim = await simulator_factory(app_rate=10)
+    sim = await simulator_factory(app_rate=KILL_RATE)
     settings = settings_for(
         broker.bootstrap,
         sim.port,
         topics,
-        app_rate=10,
-        max_in_flight=64,
+        app_rate=KILL_RATE,
+        max_in_flight=KILL_IN_FLIGHT,
         session_timeout_s=2.0,
+        shutdown_timeout_s=SHUTDOWN_S,
         http_port=0,
     )
-    docs = requests_for([f"k{i}" for i in range(20)], 3000)
+    docs = requests_for([f"k{i}" for i in range(KILL_APPS)], KILL_DOCS)
     wanted = {orjson.loads(v)["request_id"] for _, v in docs}
     await publish(broker.bootstrap, settings.requests_topic, docs)
     log = str(tmp_path / "gateway.log")
-    for threshold in (500, 1200, 1900):
-        proc = spawn(settings, log)
-
-        async def past(n: int = threshold) -> bool:
-            return (await sim.stats())["accepted_total"] >= n
-
-        await wait_for(past, 60, what=f"{threshold} accepted sends")
-        proc.kill()
-        assert proc.wait(10) == -signal.SIGKILL
-    proc = spawn(settings, log)
+    procs: list[subprocess.Popen[bytes]] = []
+    took: list[float] = []
     try:
+        for threshold, deadline in zip(KILL_AT, KILL_PHASES_S, strict=True):
+            procs.append(proc := spawn(settings, log))
+            started = time.monotonic()
+
+            async def past(n: int = threshold) -> bool:
+                return (await sim.stats())["accepted_total"] >= n
+
+            await wait_for(past, deadline, what=f"{threshold} accepted sends")
+            took.append(time.monotonic() - started)
+            proc.kill()
+            assert await exited(proc, EXIT_S) == -signal.SIGKILL
+        procs.append(proc := spawn(settings, log))
+        started = time.monotonic()
 
         async def all_sent() -> bool:
             return await accepted_ids(sim) >= wanted
 
-        await wait_for(all_sent, 120, interval=0.5, what="every request accepted")
-    finally:
+        await wait_for(all_sent, KILL_REST_S, interval=0.5, what="every request accepted")
+        took.append(time.monotonic() - started)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert await exited(proc, SHUTDOWN_S + EXIT_S) == 0
+    finally:
+        reap(procs)
     stats = await sim.stats()
     duplicates = stats["duplicates"]["total"]
-    print(f"duplicates after 3 SIGKILLs: {duplicates} of {len(wanted)}")
+    print(f"duplicates after 3 SIGKILLs: {duplicates} of {len(wanted)}; phases {took} s")
     assert duplicates <= 3 * settings.max_in_flight
 
 
+# more work after TERM_AT than the shutdown deadline can send: the restart has some left
+TERM_RATE, TERM_APPS, TERM_DOCS, TERM_AT = 10, 8, 1000, 200
+assert (TERM_DOCS - TERM_AT) / (TERM_RATE * TERM_APPS) > 1.5 * SHUTDOWN_S
+TERM_FIRST_S = sending_s(TERM_AT, TERM_RATE * TERM_APPS)
+TERM_REST_S = sending_s(TERM_DOCS - TERM_AT, TERM_RATE * TERM_APPS)
+TERM_TEST_S = TERM_FIRST_S + TERM_REST_S + 2 * (SHUTDOWN_S + EXIT_S)
+
+
+@pytest.mark.timeout(TERM_TEST_S + 30)
 async def test_sigterm_mid_drain_exits_0_commits_and_restart_sends_no_duplicates(
     broker, simulator_factory, topics, tmp_path
 ):
-    sim = await simulator_factory(app_rate=25)
+    sim = await simulator_factory(app_rate=TERM_RATE)
     settings = settings_for(
         broker.bootstrap,
         sim.port,
         topics,
-        app_rate=25,
-        shutdown_timeout_s=5.0,
+        app_rate=TERM_RATE,
+        shutdown_timeout_s=SHUTDOWN_S,
         session_timeout_s=2.0,
     )
-    docs = requests_for([f"t{i}" for i in range(8)], 800)
+    docs = requests_for([f"t{i}" for i in range(TERM_APPS)], TERM_DOCS)
     wanted = {orjson.loads(v)["request_id"] for _, v in docs}
     await publish(broker.bootstrap, settings.requests_topic, docs)
     log = str(tmp_path / "gateway.log")
-    proc = spawn(settings, log)
-
-    async def some() -> bool:
-        return (await sim.stats())["accepted_total"] >= 200
-
-    await wait_for(some, 60, what="200 accepted sends")
-    sent_before = (await sim.stats())["accepted_total"]
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    code = await asyncio.to_thread(proc.wait, 30)
-    took = time.monotonic() - started
-    assert code == 0
-    assert took < settings.shutdown_timeout_s + 5
-    assert sent_before < len(wanted)
-    proc = spawn(settings, log)
+    procs = [spawn(settings, log)]
     try:
+
+        async def some() -> bool:
+            return (await sim.stats())["accepted_total"] >= TERM_AT
+
+        await wait_for(some, TERM_FIRST_S, what=f"{TERM_AT} accepted sends")
+        started = time.monotonic()
+        procs[0].send_signal(signal.SIGTERM)
+        # exits 0 within its shutdown deadline (a TimeoutExpired here fails the test)
+        assert await exited(procs[0], SHUTDOWN_S + EXIT_S) == 0
+        print(f"SIGTERM to exit: {time.monotonic() - started:.1f} s")
+        # the restart has work left: the shutdown handed records back rather than sending all
+        assert (await sim.stats())["accepted_total"] < len(wanted)
+        procs.append(spawn(settings, log))
 
         async def rest() -> bool:
             return await accepted_ids(sim) >= wanted
 
-        await wait_for(rest, 90, interval=0.5, what="the rest of the backlog")
+        await wait_for(rest, TERM_REST_S, interval=0.5, what="the rest of the backlog")
+        procs[1].send_signal(signal.SIGTERM)
+        assert await exited(procs[1], SHUTDOWN_S + EXIT_S) == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        reap(procs)
     assert (await sim.stats())["duplicates"]["total"] == 0
 
 
@@ -128,7 +185,6 @@ async def test_injected_5xx_and_a_429_burst_deliver_everything_and_the_rate_adap
     )
     docs = requests_for([f"f{i}" for i in range(4)], 160 * 14)
     wanted = {orjson.loads(v)["request_id"] for _, v in docs}
-    paces: list[float] = []
     async with running(settings) as gw:
         await publish(broker.bootstrap, settings.requests_topic, docs)
         assert gw.lanes is not None
@@ -140,10 +196,11 @@ async def test_injected_5xx_and_a_429_burst_deliver_everything_and_the_rate_adap
         await wait_for(some, 30, what="300 accepted sends")
         full = project.pace
         await sim.post("/_sim/config", {"project_rate": 80})  # Sinch's cap drops to half
-        lowered_at = time.monotonic()
-        while time.monotonic() - lowered_at < 5:
-            paces.append(project.pace)
-            await asyncio.sleep(0.1)
+
+        async def slowed() -> bool:
+            return project.pace < full * 0.75
+
+        await wait_for(slowed, 10, what="the pace to drop while the cap is halved")
         await sim.post("/_sim/config", {"project_rate": 160})
 
         async def recovered() -> bool:
@@ -156,14 +213,19 @@ async def test_injected_5xx_and_a_429_burst_deliver_everything_and_the_rate_adap
 
         await wait_for(everything, 60, interval=0.5, what="every message delivered")
         results = await read_records(broker.bootstrap, settings.results_topic, len(docs), 30)
-    assert min(paces) < full * 0.75  # visibly dropped while the cap was halved
     statuses = [orjson.loads(r.value)["status"] for r in results]
     assert statuses.count("sent") == len(docs)
     stats = await sim.stats()
     assert stats["injected_5xx"]["total"] > 0
     assert stats["rejected_429"]["project"] > 0
-    assert stats["max_accepted_per_s"]["project"] <= 160
-    assert max(stats["max_accepted_per_s"]["by_app"].values()) <= 100
+    # What the gateway sent, retries included (the simulator caps what it accepts itself):
+    # no app over its own rate (strict simulator), and the project's busiest second at the
+    # simulator within 5 % of the configured rate. The 5 % is arrival jitter: the limiter
+    # stamps a send when its slot comes, the request reaches the simulator a task switch
+    # later, on the event loop the simulator shares with the gateway here (162 and 164
+    # seen); retries that skipped the bucket would add about 10 % (error_rate).
+    assert stats["rejected_429"]["app"] == 0
+    assert stats["max_received_per_s"]["project"] / 160 <= 1.05, stats["max_received_per_s"]
 
 
 def malformed(i: int, good: dict) -> bytes:
@@ -327,9 +389,13 @@ async def test_refused_credentials_hold_sending_without_dead_letters(
             assert resp.status == 503
         assert body["checks"]["token"]["ok"] is False
         token_calls_before = (await sim.stats())["token_requests"]
+        span_started = time.monotonic()
         await asyncio.sleep(2.0)  # a span of time: how often the token endpoint is tried in it
         token_calls = (await sim.stats())["token_requests"] - token_calls_before
-    assert token_calls <= 6  # backed off (at most ~1/s here), not hammered
+        span_s = time.monotonic() - span_started
+    # backed off: at least half of backoff_max_s between tries once it has failed a few
+    # times (it has: the records were held first), not hammered by every waiting sender
+    assert token_calls <= span_s / (settings.backoff_max_s / 2) + 1, (token_calls, span_s)
     stats = await sim.stats()
     assert stats["accepted_total"] == 0
     assert await read_records(broker.bootstrap, settings.dlq_topic, 1, 2) == []
