@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from gateway.errors import SinchError, TransportError
 from gateway.settings import Settings, load
-from gateway.sinch import Accepted, SinchClient, parse_retry_delay, retry_hint
+from gateway.sinch import Accepted, AppInfo, SinchClient, parse_retry_delay, retry_hint
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
@@ -235,3 +236,131 @@ async def test_a_request_that_got_no_answer_is_in_doubt(silent, timeout, kind):
         with pytest.raises(TransportError) as info:
             await send(SinchClient(settings_for(silent.base), http))
     assert (info.value.kind, info.value.in_doubt) == (kind, True)
+
+
+# -- get_app ---------------------------------------------------------------------
+
+
+async def get_app(client: SinchClient, app_id: str = "a1", region: str = "us") -> AppInfo:
+    return await client.get_app(
+        region=region, project_id="demo-project", app_id=app_id, authorization="Bearer t"
+    )
+
+
+async def test_get_app_reads_rate_and_queue_from_the_simulator(simulator_factory, http):
+    sim = await simulator_factory(
+        app_rates={"fast": 100},
+        drain_factors={"fast": 0.001},  # what is sent stays queued while the test runs
+        apps={"fast": "eu"},
+        basic_auth_rate=100,
+    )
+    client = SinchClient(settings_for(sim.base), http)
+    basic = "Basic " + base64.b64encode(b"demo-key:demo-secret").decode()
+    for _ in range(3):
+        await client.send(
+            region="eu",
+            project_id="demo-project",
+            body=orjson.dumps(
+                {
+                    "app_id": "fast",
+                    "recipient": {"contact_id": "c"},
+                    "message": {"text_message": {"text": "x"}},
+                }
+            ),
+            authorization=basic,
+        )
+    info = await client.get_app(
+        region="eu", project_id="demo-project", app_id="fast", authorization=basic
+    )
+    assert info == AppInfo(
+        app_id="fast", outbound_rate=100.0, outbound_size=3, outbound_limit=500_000
+    )
+
+
+async def test_get_app_in_the_wrong_region_is_a_sinch_error(simulator_factory, http):
+    sim = await simulator_factory(apps={"fast": "eu"})
+    client = SinchClient(settings_for(sim.base), http)
+    basic = "Basic " + base64.b64encode(b"demo-key:demo-secret").decode()
+    with pytest.raises(SinchError) as info:
+        await client.get_app(
+            region="us", project_id="demo-project", app_id="fast", authorization=basic
+        )
+    assert info.value.status == 404
+    assert info.value.error["status"] == "NOT_FOUND"
+
+
+async def test_get_app_quotes_the_app_id_and_sends_the_authorization(upstream, http):
+    seen: list[tuple[str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((request.raw_path, request.headers["Authorization"]))
+        return web.json_response({"rate_limits": {"outbound": 20}})
+
+    client = SinchClient(settings_for(await upstream(handler)), http)
+    info = await get_app(client, app_id="a/b c")
+    assert seen == [("/us/v1/projects/demo-project/apps/a%2Fb%20c", "Bearer t")]
+    assert info == AppInfo(
+        app_id="a/b c", outbound_rate=20.0, outbound_size=None, outbound_limit=None
+    )
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        # int64 fields in proto JSON may come as strings
+        (
+            {
+                "rate_limits": {"outbound": "40"},
+                "queue_stats": {"outbound_size": "7", "outbound_limit": "500000"},
+            },
+            (40.0, 7, 500_000),
+        ),
+        ({"rate_limits": {"outbound": 0}, "queue_stats": {}}, (None, None, None)),
+        ({"rate_limits": {"outbound": -5, "inbound": 20}}, (None, None, None)),
+        (
+            {"rate_limits": {"outbound": True}, "queue_stats": {"outbound_size": "many"}},
+            (None, None, None),
+        ),
+        ({"rate_limits": "20"}, (None, None, None)),
+        ([1, 2], (None, None, None)),
+    ],
+)
+async def test_get_app_fields_it_cannot_use_are_none(upstream, http, doc, expected):
+    client = SinchClient(settings_for(await upstream(answering(200, orjson.dumps(doc)))), http)
+    info = await get_app(client)
+    assert (info.outbound_rate, info.outbound_size, info.outbound_limit) == expected
+
+
+async def test_get_app_errors_map_as_for_send(upstream, http):
+    handler = answering(
+        429,
+        error_body(429, "RESOURCE_EXHAUSTED", [{"@type": RETRY_INFO, "retryDelay": "2s"}]),
+        {"Retry-After": "1"},
+    )
+    client = SinchClient(settings_for(await upstream(handler)), http)
+    with pytest.raises(SinchError) as info:
+        await get_app(client)
+    assert (info.value.status, info.value.retry_after_s) == (429, 2.0)
+    expired = answering(
+        401,
+        error_body(401, "UNAUTHENTICATED"),
+        {"WWW-Authenticate": 'Bearer error="invalid_token", error_description="expired"'},
+    )
+    client = SinchClient(settings_for(await upstream(expired)), http)
+    with pytest.raises(SinchError) as info:
+        await get_app(client)
+    assert info.value.token_expired
+
+
+async def test_get_app_without_an_answer_is_a_transport_error(silent):
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as http:
+        with pytest.raises(TransportError) as info:
+            await get_app(SinchClient(settings_for(silent.base), http))
+    assert info.value.kind == "timeout"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(TransportError) as info:
+                await get_app(SinchClient(settings_for(f"http://127.0.0.1:{port}"), http))
+    assert info.value.kind == "connect_error"
