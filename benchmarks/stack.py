@@ -97,6 +97,8 @@ def gateway_env(
         "GATEWAY_HTTP_HOST": "127.0.0.1",
         "GATEWAY_HTTP_PORT": str(http_port),
         "GATEWAY_REQUESTS_TOPIC": f"req-{tag}",
+        "GATEWAY_REQUESTS_HIGH_TOPIC": f"high-{tag}",
+        "GATEWAY_SPILL_TOPIC": f"spl-{tag}",
         "GATEWAY_RESULTS_TOPIC": f"res-{tag}",
         "GATEWAY_STATUS_TOPIC": f"sta-{tag}",
         "GATEWAY_DLQ_TOPIC": f"dlq-{tag}",

@@ -1,13 +1,19 @@
-"""Intake: the aiokafka consumer loop, back-pressure, offsets and rebalances.
+"""Intake: the aiokafka consumer loop, isolation, back-pressure, offsets and rebalances.
 
-The loop reads batches, decodes each record and routes it to its app's lane; it
-never waits for a send. Every record that does not go to a lane ends at once
-through :class:`~gateway.outcomes.Outcomes`: a bad one is ``rejected`` (DLQ and a
-result), a duplicate is skipped, an expired one gets its result.
+Three topics are read: the high-priority requests topic first (never paused
+for the budget), the requests topic, and the spill topic. The loop decodes each
+record and routes it to its app's lane; it never waits for a send. Every record
+that does not go to a lane ends at once through
+:class:`~gateway.outcomes.Outcomes`: a bad one is ``rejected`` (DLQ and a
+result), a duplicate is skipped, an expired one gets its result, and a normal
+or low-priority one of an app whose lane is full is *spilled*
+(:mod:`gateway.spill`): one app's backlog never stops intake from reading the
+partition for other apps.
 
 Back-pressure: records read and not finished are counted against a budget of
-records and bytes. Over budget, every assigned partition is paused; under 80 %
-of it they are resumed. Memory stays flat whatever the backlog in Kafka.
+records and bytes. Over budget, the requests partitions are paused; under 80 %
+of it they are resumed. Spill partitions are read only while a lane they
+serve wants more. Memory stays flat whatever the backlog in Kafka.
 
 Offsets: a :class:`PartitionTracker` per partition; the commit task commits the
 contiguous finished prefix every ``commit_interval_s`` and on shutdown or
@@ -28,15 +34,18 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
+from prometheus_client import Gauge
 
-from gateway.envelope import Request, decode, peek_ids
+from gateway.envelope import Priority, Request, decode, peek_ids
 from gateway.errors import InvalidMessage
 from gateway.offsets import Origin, PartitionTracker, decode_done, encode_done
+from gateway.outcomes import ORIGINAL_KEY, SPILL_HEADER, SPILLED_FROM
 from gateway.producer import kafka_options
+from gateway.spill import SpillState
 
 if TYPE_CHECKING:
     from gateway.dedupe import RecentIds
-    from gateway.lanes import Lanes
+    from gateway.lanes import Lane, Lanes
     from gateway.metrics import Metrics
     from gateway.outcomes import Ending, Outcomes
     from gateway.settings import Settings
@@ -61,7 +70,7 @@ ConsumerFactory = Callable[[ConsumerRebalanceListener], Any]
 
 
 class Intake:
-    """Reads the requests topic and feeds the lanes."""
+    """Reads the requests, high-priority and spill topics and feeds the lanes."""
 
     def __init__(
         self,
@@ -83,12 +92,15 @@ class Intake:
         self._clock = clock
         self._on_share = on_share
         self._consumer_factory = consumer_factory or self._make_consumer
+        self._topics = (settings.requests_high_topic, settings.requests_topic, settings.spill_topic)
         self.consumer: Any = None
-        self.trackers: dict[int, PartitionTracker] = {}
+        self.trackers: dict[TopicPartition, PartitionTracker] = {}
+        self.spill = SpillState(self.has_room)
         self.in_progress: set[str] = set()
         self.buffered = 0
         self.buffered_bytes = 0
-        self.paused = False
+        self.paused = False  # the requests partitions, for the budget
+        self._spill_paused: set[TopicPartition] = set()
         self.assigned = False
         self.joined = False
         self.connected = False
@@ -113,7 +125,7 @@ class Intake:
             max_partition_fetch_bytes=max(1_048_576, s.max_message_bytes),
             fetch_max_bytes=max(52_428_800, s.max_message_bytes),
         )
-        consumer.subscribe([s.requests_topic], listener=listener)
+        consumer.subscribe(list(dict.fromkeys(self._topics)), listener=listener)
         return consumer
 
     async def start(self) -> None:
@@ -157,6 +169,7 @@ class Intake:
             room = min(self._s.max_buffered_records - self.buffered, self._s.fetch_max_records)
             if room <= 0 and not self.paused:
                 self._pause(True)
+            self._steer_spill()
             try:
                 # never take more than the budget has room for (paused: returns nothing)
                 batch = await self._fetch(consumer, max(1, room))
@@ -170,12 +183,15 @@ class Intake:
             self._apply_budget()
 
     async def _take_batch(self, batch: dict[Any, list[Any]]) -> None:
+        spill_topic = self._s.spill_topic
         for tp, records in batch.items():
-            tracker = self.trackers.get(tp.partition)
+            tracker = self.trackers.get(tp)
             if tracker is None or tracker.revoked:
                 continue
+            take = self.take_spilled if tp.topic == spill_topic else self.take
             for i, record in enumerate(records, 1):
-                self.take(tracker, record)
+                if not take(tracker, record):
+                    break
                 if i % YIELD_EVERY == 0:
                     # a long batch must not stall the loop: a late send bunches
                     # with the next one and can break Sinch's 1-second window
@@ -194,17 +210,32 @@ class Intake:
         ):
             self._pause(False)
 
+    def _of(self, topic: str) -> list[TopicPartition]:
+        return sorted(
+            (tp for tp in self.trackers if tp.topic == topic), key=lambda tp: tp.partition
+        )
+
     async def _fetch(self, consumer: Any, room: int) -> dict[Any, list[Any]]:
-        """Up to ``room`` records, a share from every partition that has some.
+        """High priority first, then up to ``room`` records, a share of every partition.
 
         aiokafka hands out one partition's buffer before the next one's; with keys
         by app, a backlog would then start app by app. Taking a slice of each
         partition in turn starts every app at once.
         """
-        parts = sorted(consumer.assignment(), key=lambda tp: tp.partition)
-        if len(parts) > 1:
-            share = max(1, room // len(parts))
-            batch: dict[Any, list[Any]] = {}
+        s = self._s
+        batch: dict[Any, list[Any]] = {}
+        high = self._of(s.requests_high_topic) if s.requests_high_topic != s.requests_topic else []
+        if high:
+            # never held for the budget: urgent traffic is small, and it must not wait
+            got = await consumer.getmany(*high, timeout_ms=0, max_records=s.fetch_max_records)
+            batch.update(got)
+        parts = [
+            tp
+            for tp in self._of(s.requests_topic) + self._of(s.spill_topic)
+            if tp not in self._spill_paused
+        ]
+        if len(parts) > 1 or batch:
+            share = max(1, room // max(1, len(parts)))
             for tp in parts:
                 if room <= 0:  # never past the budget, however many partitions
                     break
@@ -218,10 +249,11 @@ class Intake:
         return result
 
     def _pause(self, pause: bool) -> None:
+        """Pause or resume the requests partitions (the budget)."""
         consumer = self.consumer
         if consumer is None:
             return
-        parts = list(consumer.assignment())
+        parts = self._of(self._s.requests_topic)
         if pause:
             consumer.pause(*parts)
         else:
@@ -229,47 +261,120 @@ class Intake:
         self.paused = pause
         self._m.paused_partitions.set(len(parts) if pause else 0)
 
-    def take(self, tracker: PartitionTracker, record: Any) -> None:
-        """One record read from ``tracker``'s partition: to its lane, or ended at once."""
-        offset = record.offset
-        tracker.add(offset)
-        value = record.value
-        origin = Origin(
+    def _steer_spill(self) -> None:
+        """Read a spill partition only while a lane it serves wants more."""
+        consumer = self.consumer
+        if consumer is None:
+            return
+        for tp in self._of(self._s.spill_topic):
+            wanted = self.spill.wanted(tp.partition)
+            if wanted and tp in self._spill_paused:
+                consumer.resume(tp)
+                self._spill_paused.discard(tp)
+            elif not wanted and tp not in self._spill_paused:
+                consumer.pause(tp)
+                self._spill_paused.add(tp)
+
+    # -- taking records ---------------------------------------------------
+
+    def read_ahead(self, lane: Lane) -> float:
+        """How many records a lane holds in memory: about ``lane_horizon_s`` of its rate."""
+        return max(float(self._s.lane_min_read_ahead), lane.bucket.pace * self._s.lane_horizon_s)
+
+    def has_room(self, app_id: str) -> bool:
+        lane = self._lanes.lanes.get(app_id)
+        return lane is None or lane.depth < self.read_ahead(lane)
+
+    def _origin(self, tracker: PartitionTracker, record: Any) -> Origin:
+        return Origin(
             tracker,
-            offset,
+            record.offset,
             key=record.key,
-            value=value,
+            value=record.value,
             headers=tuple(record.headers or ()),
             timestamp_ms=record.timestamp or 0,
         )
+
+    def take(self, tracker: PartitionTracker, record: Any) -> bool:
+        """One record of the requests topics: to its lane, spilled, or ended at once."""
+        offset = record.offset
+        tracker.add(offset)
+        origin = self._origin(tracker, record)
+        req = self._admit(tracker, origin)
+        if req is None:
+            return True
+        if tracker.topic == self._s.requests_high_topic:
+            req.priority = Priority.HIGH
+        lane = self._lanes.lane(req.app_id)
+        if req.priority is not Priority.HIGH and (
+            self.spill.spilling(req.app_id) or lane.depth >= self.read_ahead(lane)
+        ):
+            self._spill_out(req)
+        else:
+            self._lanes.put(req)
+        return True
+
+    def take_spilled(self, tracker: PartitionTracker, record: Any) -> bool:
+        """One record of the spill topic; False (and a seek back) if its lane is full."""
+        app_id = record.key.decode(errors="replace") if record.key else ""
+        if app_id and not self.has_room(app_id):
+            self.spill.blocked(tracker.partition, app_id)
+            self.consumer.seek(TopicPartition(tracker.topic, tracker.partition), record.offset)
+            return False
+        self.spill.read_on(tracker.partition)
+        tracker.add(record.offset)
+        origin = self._origin(tracker, record)
+        headers = dict(origin.headers)
+        origin.key = headers.get(ORIGINAL_KEY)
+        source = headers.get(SPILLED_FROM)
+        origin.source = source.decode(errors="replace") if source else None
+        origin.headers = tuple(h for h in origin.headers if not h[0].startswith(SPILL_HEADER))
+        req = self._admit(tracker, origin)
+        self.spill.note_taken(req.app_id if req is not None else app_id, tracker.partition)
+        self._m.spill_taken.labels(self._m.app_label(app_id)).inc()
+        if req is not None:
+            self._lanes.put(req)
+        return True
+
+    def _admit(self, tracker: PartitionTracker, origin: Origin) -> Request | None:
+        """Decode and check one record; None when it ended at once."""
         self.buffered += 1
         self.buffered_bytes += origin.size
-        if offset in tracker.skip:  # finished before a crash or rebalance (commit metadata)
-            tracker.skip.discard(offset)
+        if origin.offset in tracker.skip:  # finished before a crash or rebalance
+            tracker.skip.discard(origin.offset)
             self._outcomes.duplicate(origin)
-            return
+            return None
         self._m.consumed.inc()
         try:
-            req = decode(value, max_bytes=self._s.max_message_bytes)
+            req = decode(origin.value, max_bytes=self._s.max_message_bytes)
         except InvalidMessage as exc:
-            request_id, app_id = peek_ids(value, max_bytes=self._s.max_message_bytes)
+            request_id, app_id = peek_ids(origin.value, max_bytes=self._s.max_message_bytes)
             self._outcomes.rejected(
                 origin, exc.reason, exc.detail, request_id=request_id, app_id=app_id
             )
-            return
+            return None
         req.origin = origin
         req.received_at = self._clock()
         rid = req.request_id
         if rid in self.in_progress or rid in self._sent_ids:
             self._outcomes.duplicate(origin)  # the original keeps its in-progress mark
-            return
+            return None
         self.in_progress.add(rid)
         if self._outcomes.adopt(req):
-            return
+            return None
         if req.expire_at is not None and req.expire_at <= time.time():
             self._outcomes.expired(req)
+            return None
+        return req
+
+    def _spill_out(self, req: Request) -> None:
+        owned = [tp.partition for tp in self._of(self._s.spill_topic)]
+        partition = self.spill.choose(req.app_id, owned)
+        if partition is None:  # no spill partition here: the budget alone bounds memory
+            self._lanes.put(req)
             return
-        self._lanes.put(req)
+        self.spill.note_spilled(req.app_id)
+        self._outcomes.spilled(req, topic=self._s.spill_topic, partition=partition)
 
     def release(self, ending: Ending, finished: bool) -> None:
         """``release`` for :class:`Outcomes`: the record's ending is written (or abandoned)."""
@@ -290,7 +395,7 @@ class Intake:
 
     # -- offsets ----------------------------------------------------------
 
-    async def commit(self, partitions: set[int] | None = None) -> int:
+    async def commit(self, partitions: set[TopicPartition] | None = None) -> int:
         """Commit every tracker's finished prefix. Returns the number committed.
 
         A partition is committed when its offset moved or when the map of records
@@ -300,9 +405,8 @@ class Intake:
         if consumer is None:
             return 0
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        topic = self._s.requests_topic
-        for partition, tracker in list(self.trackers.items()):
-            if partitions is not None and partition not in partitions:
+        for tp, tracker in list(self.trackers.items()):
+            if partitions is not None and tp not in partitions:
                 continue
             off = tracker.committable()
             if off is None:
@@ -310,7 +414,7 @@ class Intake:
             meta = encode_done(off, tracker.finished_beyond())
             if off == tracker.committed and meta == tracker.committed_meta:
                 continue
-            offsets[TopicPartition(topic, partition)] = OffsetAndMetadata(off, meta)
+            offsets[tp] = OffsetAndMetadata(off, meta)
         if not offsets:
             return 0
         async with self._commit_lock:
@@ -322,7 +426,7 @@ class Intake:
                 return 0
         now = self._clock()
         for tp, om in offsets.items():
-            owned = self.trackers.get(tp.partition)
+            owned = self.trackers.get(tp)
             if owned is not None:
                 if om.offset != owned.committed:
                     owned.moved_at = now
@@ -343,82 +447,102 @@ class Intake:
     def _watch(self) -> None:
         """The progress watchdog: how long each partition's commit has stood still."""
         now = self._clock()
-        for partition, tracker in self.trackers.items():
+        requests = self._s.requests_topic
+        for tp, tracker in self.trackers.items():
             if tracker.pending == 0:
                 tracker.moved_at = now  # holds nothing: nothing to wait for
-            self._m.commit_stalled.labels(str(partition)).set(now - tracker.moved_at)
+            if tp.topic == requests:
+                self._m.commit_stalled.labels(str(tp.partition)).set(now - tracker.moved_at)
 
-    def stalled(self) -> list[int]:
-        """Partitions whose commit has stood still for ``stall_timeout_s`` while holding records."""
+    def stalled(self) -> list[str]:
+        """Partitions whose commit stood still for ``stall_timeout_s`` while holding records."""
         now = self._clock()
         limit = self._s.stall_timeout_s
         return sorted(
-            p for p, t in self.trackers.items() if t.pending and now - t.moved_at >= limit
+            f"{tp.topic}/{tp.partition}"
+            for tp, t in self.trackers.items()
+            if t.pending and now - t.moved_at >= limit
         )
 
     def _update_lag(self) -> None:
         consumer = self.consumer
         if consumer is None:
             return
-        for tp in consumer.assignment():
-            tracker = self.trackers.get(tp.partition)
+        s = self._s
+        for tp, tracker in self.trackers.items():
             try:
                 high = consumer.highwater(tp)
             except (KafkaError, AssertionError, KeyError):
                 continue
-            if high is None or tracker is None:
+            if high is None:
                 continue
             next_read = tracker.next_read if tracker.next_read is not None else tracker.committed
-            if next_read is not None:
-                self._m.lag.labels(str(tp.partition)).set(max(0, high - next_read))
+            if next_read is None:
+                continue
+            lag = max(0, high - next_read)
+            if tp.topic == s.requests_topic:
+                self._m.lag.labels(str(tp.partition)).set(lag)
+            elif tp.topic == s.spill_topic:
+                self._m.spill_lag.labels(str(tp.partition)).set(lag)
 
     # -- rebalance --------------------------------------------------------
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         """Hand back what lanes hold, let sends and writes end within a bound, commit."""
-        parts = {tp.partition for tp in revoked if tp.topic == self._s.requests_topic}
+        parts = {tp for tp in revoked if tp in self.trackers}
         if not parts:
             return
         started = self._clock()
-        for p in parts:
-            if p in self.trackers:
-                self.trackers[p].revoked = True
+        gone = {self.trackers[tp] for tp in parts}
+        for tracker in gone:
+            tracker.revoked = True
         dropped = 0
         for lane in list(self._lanes.lanes.values()):
-            for req in lane.drop(lambda r: r.partition not in parts):
+            for req in lane.drop(lambda r: r.origin is None or not r.origin.tracker.revoked):
                 self.hand_back(req)
                 dropped += 1
         # the bound must fit inside the group's rebalance timeout
         bound = self._s.revoke_timeout_s
-        await self._lanes.wait_in_flight(bound, partitions=parts)
+        await self._lanes.wait_in_flight(bound, trackers=gone)
         left = bound - (self._clock() - started)
-        await self._outcomes.settle(parts, left)
+        await self._outcomes.settle(gone, left)
         await self.commit(parts)
-        for p in parts:
-            self.trackers.pop(p, None)
-            self._m.lag.remove(str(p))  # another member reports it now
-            with contextlib.suppress(KeyError):
-                self._m.commit_stalled.remove(str(p))
-        log.info("partitions %s revoked (%d queued records handed back)", sorted(parts), dropped)
+        for tp in parts:
+            self.trackers.pop(tp, None)
+            self._spill_paused.discard(tp)
+            self._forget_gauges(tp)
+        self.spill.revoked(tp.partition for tp in parts if tp.topic == self._s.spill_topic)
+        log.info("partitions %s revoked (%d queued records handed back)", _names(parts), dropped)
         self.assigned = bool(self.trackers)
         self._share()
 
+    def _forget_gauges(self, tp: TopicPartition) -> None:
+        """Another member reports this partition now."""
+        s = self._s
+        gauges: dict[str, tuple[Gauge, ...]] = {
+            s.requests_topic: (self._m.lag, self._m.commit_stalled),
+            s.spill_topic: (self._m.spill_lag,),
+        }
+        for gauge in gauges.get(tp.topic, ()):
+            with contextlib.suppress(KeyError):
+                gauge.remove(str(tp.partition))
+
     def _share(self) -> None:
-        """Tell how many of the topic's partitions this replica owns now."""
+        """Tell how many of the requests topic's partitions this replica owns now."""
         consumer = self.consumer
         if self._on_share is None or consumer is None:
             return
         total = len(consumer.partitions_for_topic(self._s.requests_topic) or ())
         if total:
-            self._on_share(len(self.trackers), total)
+            self._on_share(len(self._of(self._s.requests_topic)), total)
 
     async def assign(self, assigned: set[TopicPartition]) -> None:
         consumer = self.consumer
         now = self._clock()
         for tp in assigned:
-            if tp.topic != self._s.requests_topic:
+            if tp.topic not in self._topics:
                 continue
-            tracker = PartitionTracker(tp.partition)
+            tracker = PartitionTracker(tp.partition, topic=tp.topic)
             tracker.moved_at = now
             if consumer is not None:
                 committed = await self._committed(consumer, tp)
@@ -426,15 +550,16 @@ class Intake:
                     tracker.committed = committed.offset
                     tracker.committed_meta = committed.metadata or ""
                     tracker.skip = decode_done(committed.offset, committed.metadata)
-            self.trackers[tp.partition] = tracker
-        self.assigned = bool(self.trackers)
+            self.trackers[tp] = tracker
+            if tp.topic == self._s.spill_topic:
+                self.spill.read_on(tp.partition)  # what waits there is not known yet
+        self.assigned = any(tp.topic == self._s.requests_topic for tp in self.trackers)
         self.joined = True
-        if self.paused and consumer is not None:
-            # aiokafka resumes every partition after a rebalance; the budget still holds
-            consumer.pause(*consumer.assignment())
-            self._m.paused_partitions.set(len(consumer.assignment()))
+        self._spill_paused.clear()  # aiokafka resumes every partition it assigns
+        if self.paused:
+            self._pause(True)  # the budget still holds
         self._share()
-        log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+        log.info("partitions assigned: %s", _names(assigned))
 
     @staticmethod
     async def _committed(consumer: Any, tp: TopicPartition) -> Any:
@@ -450,3 +575,7 @@ class Intake:
         if om is None or om.offset < 0:
             return None
         return om
+
+
+def _names(parts: set[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}/{tp.partition}" for tp in parts)

@@ -27,6 +27,7 @@ from typing import Any
 
 from gateway.envelope import Request
 from gateway.limiter import Bucket, acquire
+from gateway.offsets import PartitionTracker
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class Lanes:
         self._gate = gate
         self._hand_back = hand_back
         self.lanes: dict[str, Lane] = {}
-        self._tasks: dict[asyncio.Task[None], int] = {}  # send task -> partition
+        self._tasks: dict[asyncio.Task[None], PartitionTracker | None] = {}  # send -> read from
         self._closed = False
         self.in_flight = 0
 
@@ -205,7 +206,7 @@ class Lanes:
                 continue
             self.in_flight += 1
             task = asyncio.create_task(self._send(req, lane))
-            self._tasks[task] = req.partition
+            self._tasks[task] = origin.tracker if origin is not None else None
             task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
@@ -231,9 +232,14 @@ class Lanes:
         for lane in self.lanes.values():
             lane.worker = None
 
-    async def wait_in_flight(self, timeout: float, partitions: set[int] | None = None) -> bool:
-        """Wait until every started send (of ``partitions``) has finished; False on timeout."""
-        tasks = {t for t, p in self._tasks.items() if partitions is None or p in partitions}
+    async def wait_in_flight(
+        self, timeout: float, trackers: set[PartitionTracker] | None = None
+    ) -> bool:
+        """Wait until every started send (of records read from ``trackers``) has finished.
+
+        False on timeout.
+        """
+        tasks = {t for t, p in self._tasks.items() if trackers is None or p in trackers}
         if not tasks:
             return True
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))

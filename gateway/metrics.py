@@ -104,6 +104,24 @@ class Metrics:
         self.consumed = Counter(
             "gateway_requests_consumed", "Records read from the requests topic.", registry=r
         )
+        self.spilled = Counter(
+            "gateway_spilled_records",
+            "Records of an app whose lane was full, written to the spill topic, by app.",
+            ["app_id"],
+            registry=r,
+        )
+        self.spill_taken = Counter(
+            "gateway_spill_taken_back_records",
+            "Spilled records read back into their app's lane, by app.",
+            ["app_id"],
+            registry=r,
+        )
+        self.spill_lag = Gauge(
+            "gateway_spill_lag",
+            "Records waiting in a spill partition this replica owns.",
+            ["partition"],
+            registry=r,
+        )
         self.duplicates = Counter(
             "gateway_duplicates_skipped",
             "Records skipped because their request_id was already sent or is in flight.",

@@ -32,10 +32,20 @@ class Origin:
     value: bytes | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
     timestamp_ms: int = 0
+    # where the producer wrote it, when that is not where it was read (the spill topic)
+    source: str | None = None
 
     @property
     def partition(self) -> int:
         return self.tracker.partition
+
+    @property
+    def topic(self) -> str:
+        return self.tracker.topic
+
+    def where(self) -> str:
+        """``topic/partition/offset`` of the record as its producer wrote it."""
+        return self.source or f"{self.tracker.topic}/{self.tracker.partition}/{self.offset}"
 
     @property
     def size(self) -> int:
@@ -55,10 +65,12 @@ class PartitionTracker:
         "partition",
         "revoked",
         "skip",
+        "topic",
     )
 
-    def __init__(self, partition: int, committed: int | None = None) -> None:
+    def __init__(self, partition: int, committed: int | None = None, topic: str = "") -> None:
         self.partition = partition
+        self.topic = topic
         self._pending: deque[int] = deque()
         self._done: set[int] = set()
         self._last: int | None = None

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from gateway.envelope import Request, Status, result_record
-from gateway.offsets import Origin
+from gateway.offsets import Origin, PartitionTracker
 
 if TYPE_CHECKING:
     from gateway.dedupe import RecentIds
@@ -49,6 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+
+SPILL_HEADER = "gateway.spill."
+SPILLED_FROM = "gateway.spill.from"  # topic/partition/offset the producer wrote it to
+ORIGINAL_KEY = "gateway.spill.key"  # the producer's own key
 
 
 class Publisher(Protocol):
@@ -61,6 +65,8 @@ class Publisher(Protocol):
         *,
         key: bytes | None = None,
         headers: Headers | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
     ) -> Awaitable[Any]: ...
 
 
@@ -72,18 +78,21 @@ class Output:
     value: bytes | None
     key: bytes | None
     headers: Headers | None = None
+    partition: int | None = None
+    timestamp_ms: int | None = None
 
 
 @dataclass(slots=True, eq=False)
 class Ending:
     """A record's ending and the outputs that are still to be acknowledged."""
 
-    status: Status | None  # None: a duplicate, which counts in no outcome
+    status: Status | None  # None: a duplicate or a spill, which count in no outcome
     origin: Origin
     request: Request | None
     outputs: list[Output]
     app_label: str = "none"
     failing_since: float | None = None
+    spill: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -95,7 +104,7 @@ def dlq_headers(
     first_error_at: float | None = None,
     last_error_at: float | None = None,
     detail: str = "",
-    source: tuple[str, int, int] | None = None,
+    source: str | None = None,
 ) -> Headers:
     """The gateway's headers on a DLQ record: why, and where the record came from."""
     headers: Headers = [("gateway.reason", reason.encode())]
@@ -109,8 +118,7 @@ def dlq_headers(
     if last_error_at is not None:
         headers.append(("gateway.last_error_time", f"{last_error_at:.3f}".encode()))
     if source is not None:
-        topic, partition, offset = source
-        headers.append(("gateway.source", f"{topic}/{partition}/{offset}".encode()))
+        headers.append(("gateway.source", source.encode()))
     return headers
 
 
@@ -142,10 +150,12 @@ class Outcomes:
         self._sent_ids = sent_ids
         self._clock = clock
         self._release = release
-        self._writing: dict[int, set[Ending]] = {}  # by partition
+        self._writing: dict[PartitionTracker, set[Ending]] = {}  # by the partition read
         self._failing: dict[Ending, float] = {}
         self._orphans: OrderedDict[str, Ending] = OrderedDict()
         self._orphans_size = orphans_size
+        for topic in (settings.results_topic, settings.status_topic, settings.dlq_topic):
+            metrics.outcome_write_failures.labels(topic)  # counted from 0, not first failure
 
     # -- the endings ------------------------------------------------------
 
@@ -206,7 +216,7 @@ class Outcomes:
             first_error_at=req.first_error_at,
             last_error_at=req.last_error_at,
             detail=orjson.dumps(error).decode() if error else "",
-            source=(s.requests_topic, origin.partition, origin.offset),
+            source=origin.where(),
         )
         record = result_record(
             request_id=req.request_id,
@@ -263,9 +273,7 @@ class Outcomes:
         that its producer can tell which of its requests was refused.
         """
         s = self._s
-        headers = list(origin.headers) + dlq_headers(
-            reason, detail=detail, source=(s.requests_topic, origin.partition, origin.offset)
-        )
+        headers = list(origin.headers) + dlq_headers(reason, detail=detail, source=origin.where())
         record = result_record(
             request_id=request_id,
             status=Status.REJECTED,
@@ -296,6 +304,28 @@ class Outcomes:
         )
         ending.app_label = self._m.app_label(app_id) if app_id else "none"
 
+    def spilled(self, req: Request, *, topic: str, partition: int) -> None:
+        """The record waits in the spill topic: the original is finished once that is written.
+
+        The value and the producer's headers are kept unchanged; the record's key
+        becomes its app_id, and the original key and place travel in headers.
+        """
+        origin = self._origin(req)
+        headers: Headers = [h for h in origin.headers if not h[0].startswith(SPILL_HEADER)]
+        headers.append((SPILLED_FROM, origin.where().encode()))
+        if origin.key is not None:
+            headers.append((ORIGINAL_KEY, origin.key))
+        out = Output(
+            topic,
+            origin.value,
+            req.app_id.encode(),
+            headers,
+            partition=partition,
+            timestamp_ms=origin.timestamp_ms or None,
+        )
+        ending = self._start(None, origin, req, [out])
+        ending.spill = True
+
     def duplicate(self, origin: Origin) -> None:
         """Already sent or in flight: finished at once, nothing written."""
         self._m.duplicates.inc()
@@ -322,12 +352,12 @@ class Outcomes:
         return req.origin
 
     def _start(
-        self, status: Status, origin: Origin, req: Request | None, outputs: list[Output]
+        self, status: Status | None, origin: Origin, req: Request | None, outputs: list[Output]
     ) -> Ending:
         ending = Ending(status, origin, req, outputs)
         if req is not None:
             ending.app_label = self._m.app_label(req.app_id)
-        self._writing.setdefault(origin.partition, set()).add(ending)
+        self._writing.setdefault(origin.tracker, set()).add(ending)
         ending.task = asyncio.create_task(self._write(ending))
         return ending
 
@@ -364,7 +394,14 @@ class Outcomes:
         for out in outputs:
             try:
                 futures.append(
-                    await self._pub.send(out.topic, out.value, key=out.key, headers=out.headers)
+                    await self._pub.send(
+                        out.topic,
+                        out.value,
+                        key=out.key,
+                        headers=out.headers,
+                        partition=out.partition,
+                        timestamp_ms=out.timestamp_ms,
+                    )
                 )
             except asyncio.CancelledError:
                 raise
@@ -383,11 +420,11 @@ class Outcomes:
         return failed
 
     def _forget(self, ending: Ending) -> None:
-        writing = self._writing.get(ending.origin.partition)
+        writing = self._writing.get(ending.origin.tracker)
         if writing is not None:
             writing.discard(ending)
             if not writing:
-                del self._writing[ending.origin.partition]
+                del self._writing[ending.origin.tracker]
         if self._failing.pop(ending, None) is not None:
             log.info(
                 "partition %d offset %d: its outputs are written now",
@@ -404,6 +441,8 @@ class Outcomes:
             self._sent_ids.add(ending.request.request_id)
         if status is not None:
             self._m.outcomes.labels(ending.app_label, status.value).inc()
+        elif ending.spill:
+            self._m.spilled.labels(ending.app_label).inc()
         self._release(ending, True)
 
     def _abandon(self, ending: Ending) -> None:
@@ -417,10 +456,10 @@ class Outcomes:
 
     # -- control ----------------------------------------------------------
 
-    async def settle(self, partitions: set[int] | None, timeout: float) -> bool:
-        """Wait for the writes of ``partitions`` (all if None); abandon what is left.
+    async def settle(self, partitions: set[PartitionTracker] | None, timeout: float) -> bool:
+        """Wait for the writes of records read from ``partitions`` (all if None).
 
-        Returns True when every write finished in time.
+        What is left at the deadline is abandoned. True when every write finished.
         """
         tasks = self._tasks(partitions)
         if not tasks:
@@ -431,7 +470,7 @@ class Outcomes:
         await asyncio.gather(*pending, return_exceptions=True)
         return not pending
 
-    def _tasks(self, partitions: set[int] | None) -> set[asyncio.Task[None]]:
+    def _tasks(self, partitions: set[PartitionTracker] | None) -> set[asyncio.Task[None]]:
         return {
             ending.task
             for partition, endings in self._writing.items()

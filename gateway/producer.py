@@ -61,22 +61,21 @@ async def ensure_topics(settings: Settings) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [
-            settings.requests_topic,
-            settings.results_topic,
-            settings.status_topic,
-            settings.dlq_topic,
-            settings.events_topic,
-        ]
-        missing = [t for t in dict.fromkeys(wanted) if t not in existing]
+        wanted = {
+            settings.requests_topic: settings.topic_partitions,
+            settings.requests_high_topic: settings.topic_partitions,
+            settings.spill_topic: settings.spill_partitions,
+            settings.results_topic: settings.topic_partitions,
+            settings.status_topic: settings.topic_partitions,
+            settings.dlq_topic: settings.topic_partitions,
+            settings.events_topic: settings.topic_partitions,
+        }
+        missing = [t for t in wanted if t not in existing]
         if not missing:
             return
         with contextlib.suppress(TopicAlreadyExistsError):  # another replica was first
             await admin.create_topics(
-                [
-                    NewTopic(t, settings.topic_partitions, settings.topic_replication)
-                    for t in missing
-                ]
+                [NewTopic(t, wanted[t], settings.topic_replication) for t in missing]
             )
         log.info("created topics %s", ", ".join(missing))
     finally:
@@ -133,11 +132,18 @@ class Publisher:
         *,
         key: bytes | None = None,
         headers: Headers | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
     ) -> asyncio.Future[Any]:
         if self._producer is None:
             raise RuntimeError("publisher is not started")
         fut: asyncio.Future[Any] = await self._producer.send(
-            topic, value=value, key=key, headers=headers
+            topic,
+            value=value,
+            key=key,
+            headers=headers,
+            partition=partition,
+            timestamp_ms=timestamp_ms,
         )
         return fut
 

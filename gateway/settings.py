@@ -158,6 +158,11 @@ class Settings:
     group_id: str = "sinch-gateway"
     client_id: str = "sinch-gateway"
     requests_topic: str = "sinch.outbound.requests"
+    # urgent traffic: every record there is high priority, read first, never paused by the budget
+    requests_high_topic: str = "sinch.outbound.requests.high"
+    # the gateway's own: records of an app whose lane is full, taken back as it makes room
+    spill_topic: str = "sinch.outbound.spill"
+    spill_partitions: int = 24
     results_topic: str = "sinch.outbound.results"
     status_topic: str = "sinch.outbound.status"
     dlq_topic: str = "sinch.outbound.dlq"
@@ -173,6 +178,10 @@ class Settings:
     session_timeout_s: float = 10.0
     fetch_max_records: int = 2000
     commit_interval_s: float = 1.0
+    # each lane holds about rate x lane_horizon_s records (at least lane_min_read_ahead);
+    # the rest of its backlog waits in the spill topic
+    lane_horizon_s: float = 5.0
+    lane_min_read_ahead: int = 10
 
     # Sinch
     project_id: str = ""
@@ -315,6 +324,9 @@ class Settings:
 
 _POSITIVE = (
     "topic_partitions",
+    "spill_partitions",
+    "lane_horizon_s",
+    "lane_min_read_ahead",
     "topic_replication",
     "session_timeout_s",
     "fetch_max_records",

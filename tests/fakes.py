@@ -41,20 +41,23 @@ class Record:
 
 @dataclass
 class FakeConsumer:
-    """Partitions with scripted records; ``getmany`` honours pause and ``max_records``."""
+    """Topics with scripted records; ``getmany`` honours pause, seek and ``max_records``."""
 
     partitions: int = 2
-    records: dict[int, list[Record]] = field(default_factory=dict)
-    position: dict[int, int] = field(default_factory=dict)
+    records: dict[tuple[str, int], list[Record]] = field(default_factory=dict)
+    position: dict[tuple[str, int], int] = field(default_factory=dict)
     assigned: set[TopicPartition] = field(default_factory=set)
     paused: set[TopicPartition] = field(default_factory=set)
     commits: list[dict[TopicPartition, Any]] = field(default_factory=list)
 
-    def add(self, partition: int, value: bytes | None, **kw: Any) -> Record:
-        recs = self.records.setdefault(partition, [])
-        rec = Record(partition, len(recs), value, **kw)
+    def add(self, partition: int, value: bytes | None, topic: str = TOPIC, **kw: Any) -> Record:
+        recs = self.records.setdefault((topic, partition), [])
+        rec = Record(partition, len(recs), value, topic=topic, **kw)
         recs.append(rec)
         return rec
+
+    def append(self, topic: str, partition: int, value: bytes | None, **kw: Any) -> Record:
+        return self.add(partition, value, topic=topic, **kw)
 
     async def start(self) -> None:
         return None
@@ -65,6 +68,9 @@ class FakeConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
 
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.position[(tp.topic, tp.partition)] = offset
+
     def pause(self, *tps: TopicPartition) -> None:
         self.paused.update(tps)
 
@@ -72,36 +78,39 @@ class FakeConsumer:
         self.paused.difference_update(tps)
 
     def partitions_for_topic(self, topic: str) -> set[int]:
-        return set(range(self.partitions))
+        return {tp.partition for tp in self.assigned if tp.topic == topic} or set(
+            range(self.partitions)
+        )
 
     def highwater(self, tp: TopicPartition) -> int:
-        return len(self.records.get(tp.partition, []))
+        return len(self.records.get((tp.topic, tp.partition), []))
 
     async def getmany(
         self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[Record]]:
         out: dict[TopicPartition, list[Record]] = {}
         left = max_records if max_records is not None else 1 << 30
-        for tp in sorted(tps or self.assigned, key=lambda t: t.partition):
+        for tp in sorted(tps or self.assigned, key=lambda t: (t.topic, t.partition)):
             if tp in self.paused or tp not in self.assigned or left <= 0:
                 continue
-            pos = self.position.get(tp.partition, 0)
-            batch = self.records.get(tp.partition, [])[pos : pos + left]
+            key = (tp.topic, tp.partition)
+            pos = self.position.get(key, 0)
+            batch = self.records.get(key, [])[pos : pos + left]
             if batch:
                 out[tp] = batch
-                self.position[tp.partition] = pos + len(batch)
+                self.position[key] = pos + len(batch)
                 left -= len(batch)
         if not out:
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.001 if timeout_ms else 0)
         return out
 
     async def commit(self, offsets: dict[TopicPartition, Any]) -> None:
         self.commits.append(dict(offsets))
 
-    def committed_offset(self, partition: int) -> int | None:
+    def committed_offset(self, partition: int, topic: str = TOPIC) -> int | None:
         for commit in reversed(self.commits):
             for tp, om in commit.items():
-                if tp.partition == partition:
+                if (tp.topic, tp.partition) == (topic, partition):
                     return int(om.offset)
         return None
 
@@ -113,10 +122,16 @@ class ScriptedPublisher:
     "raise" raises from ``send`` itself (as a too-large record does).
     """
 
-    def __init__(self, refuse: Callable[[str, bytes | None], str] | None = None) -> None:
+    def __init__(
+        self,
+        refuse: Callable[[str, bytes | None], str] | None = None,
+        sink: Callable[..., Any] | None = None,
+    ) -> None:
         self.refuse = refuse or (lambda topic, value: "ack")
+        self.sink = sink  # called with each acknowledged record (a loop back into a consumer)
         self.written: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
         self.tries: list[str] = []
+        self.partitions: list[int | None] = []
 
     async def send(
         self,
@@ -125,8 +140,11 @@ class ScriptedPublisher:
         *,
         key: bytes | None = None,
         headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+        timestamp_ms: int | None = None,
     ) -> asyncio.Future[Any]:
         self.tries.append(topic)
+        self.partitions.append(partition)
         verdict = self.refuse(topic, value)
         if verdict == "raise":
             raise KafkaTimeoutError()
@@ -135,6 +153,8 @@ class ScriptedPublisher:
             fut.set_exception(KafkaTimeoutError())
         else:
             self.written.append((topic, value, key, list(headers or [])))
+            if self.sink is not None:
+                self.sink(topic, partition, value, key=key, headers=tuple(headers or ()))
             fut.set_result(None)
         return fut
 

@@ -25,17 +25,25 @@ from tests.fakes import TOPIC, FakeClock, FakeConsumer, ScriptedPublisher
 
 RESULTS = "sinch.outbound.results"
 DLQ = "sinch.outbound.dlq"
+SPILL = "sinch.outbound.spill"
+HIGH = "sinch.outbound.requests.high"
 
 
 class Rig:
     """Intake wired to lanes whose sender finishes a request when the test lets it."""
 
-    def __init__(self, **kw: Any) -> None:
+    def __init__(self, rates: dict[str, float] | None = None, **kw: Any) -> None:
         base: dict[str, Any] = {"backoff_base_s": 0.005, "backoff_max_s": 0.02}
         self.settings = load(env={}, **(base | kw))
         self.clock = FakeClock()
         self.consumer = FakeConsumer(partitions=2)
-        self.publisher = ScriptedPublisher()
+
+        def loop_back(topic: str, partition: int | None, value: bytes | None, **kw: Any) -> None:
+            if topic == SPILL and partition is not None:
+                self.consumer.append(topic, partition, value, **kw)
+
+        self.publisher = ScriptedPublisher(sink=loop_back)
+        rates = rates or {}
         self.metrics = Metrics(CollectorRegistry())
         self.sent: list[str] = []
         self.open = asyncio.Event()
@@ -52,7 +60,9 @@ class Rig:
         )
         self.lanes = Lanes(
             project_bucket=Bucket("project", 10_000, clock=loop_clock),
-            make_app_bucket=lambda app: Bucket(f"app:{app}", 10_000, clock=loop_clock),
+            make_app_bucket=lambda app: Bucket(
+                f"app:{app}", rates.get(app, 10_000), clock=loop_clock
+            ),
             channel_buckets={},
             max_in_flight=100,
             sender=self.send,
@@ -80,9 +90,11 @@ class Rig:
         self.consumer.add(partition, orjson.dumps(doc), key=app_id.encode())
         return doc
 
-    async def start(self, partitions: tuple[int, ...] = (0, 1)) -> None:
+    async def start(self, partitions: tuple[int, ...] = (0, 1), spill: int = 4) -> None:
         await self.intake.start()
         tps = {TopicPartition(TOPIC, p) for p in partitions}
+        tps |= {TopicPartition(SPILL, p) for p in range(spill)}
+        tps.add(TopicPartition(HIGH, 0))
         self.consumer.assigned = set(tps)
         await self.intake.assign(tps)
         self.task = asyncio.create_task(self.intake.run())
@@ -145,7 +157,7 @@ async def test_the_budget_pauses_and_resumes_partitions(rig: Any) -> None:
     await r.start()
     await wait_for(lambda: r.intake.paused, 5, what="intake to pause")
     assert r.intake.buffered == 5
-    assert r.consumer.paused == r.consumer.assigned
+    assert r.consumer.paused == {TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)}
     r.open.set()
     await wait_for(lambda: len(r.sent) == 12, 10, what="every record to be sent")
     assert not r.consumer.paused
@@ -190,7 +202,7 @@ async def test_a_refused_write_holds_the_commit_and_trips_the_watchdog(rig: Any)
     assert r.consumer.committed_offset(0) in (None, 0)  # nothing committed past it
     assert r.intake.stalled() == []
     r.clock.advance(61)
-    assert r.intake.stalled() == [0]
+    assert r.intake.stalled() == [f"{TOPIC}/0"]
     r.publisher.refuse = lambda topic, _v: "ack"
     await wait_for(lambda: r.intake.buffered == 0, 5, what="the writes to go through")
     await r.intake.commit()
@@ -227,7 +239,52 @@ async def test_pause_is_reapplied_after_a_new_assignment(rig: Any) -> None:
     await wait_for(lambda: r.intake.paused, 5, what="intake to pause")
     # a rebalance: aiokafka resumes everything it assigns
     r.consumer.paused.clear()
-    r.consumer.assigned = {TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)}
+    r.consumer.assigned |= {TopicPartition(TOPIC, 1)}
     await r.intake.assign({TopicPartition(TOPIC, 1)})
-    assert r.consumer.paused == r.consumer.assigned
+    assert r.consumer.paused == {TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)}
     assert r.intake.buffered <= 2
+
+
+async def test_a_campaign_spills_and_other_apps_in_its_partition_are_not_held(rig: Any) -> None:
+    r = await rig(rates={"campaign": 50.0}, lane_horizon_s=0.2, lane_min_read_ahead=5)
+    campaign = [r.publish(0, "campaign")["request_id"] for _ in range(60)]
+    others = [r.publish(0, "otp")["request_id"] for _ in range(3)]
+    await r.start((0,))
+    await wait_for(lambda: set(others) <= set(r.sent), 5, what="the other app's sends")
+    assert len([s for s in r.sent if s in set(campaign)]) < 30  # the campaign goes on at 50/s
+    assert r.intake.spill.spilled > 0
+    assert r.intake.buffered < 20  # memory holds the read-ahead, not the campaign
+    await wait_for(lambda: len(r.sent) == 63, 10, what="the whole campaign")
+    assert [s for s in r.sent if s in set(campaign)] == campaign  # in order, through the spill
+    assert len(r.sent) == len(set(r.sent))
+    await r.intake.commit()
+    assert r.consumer.committed_offset(0) == 63
+
+
+async def test_high_priority_of_a_spilling_app_goes_out_with_its_next_slot(rig: Any) -> None:
+    r = await rig(rates={"campaign": 20.0}, lane_horizon_s=0.5, lane_min_read_ahead=5)
+    for _ in range(40):
+        r.publish(0, "campaign")
+    await r.start((0,))
+    await wait_for(lambda: r.intake.spill.spilling("campaign"), 5, what="the campaign to spill")
+    urgent = r.publish(0, "campaign", priority="high")["request_id"]
+    on_high = orjson.dumps(sample_request("campaign", 0))
+    r.consumer.append(HIGH, 0, on_high, key=b"campaign")
+    high_id = orjson.loads(on_high)["request_id"]
+    await wait_for(lambda: {urgent, high_id} <= set(r.sent), 5, what="both urgent sends")
+    assert len(r.sent) < 25  # long before the campaign's backlog
+
+
+async def test_a_spill_partition_is_read_only_while_its_app_has_room(rig: Any) -> None:
+    r = await rig(rates={"campaign": 20.0}, lane_horizon_s=0.25, lane_min_read_ahead=5)
+    for _ in range(50):
+        r.publish(0, "campaign")
+    await r.start((0,))
+    await wait_for(lambda: r.intake.spill.spilled >= 40, 5, what="the backlog to spill")
+    part = r.intake.spill.partition_of["campaign"]
+    await wait_for(
+        lambda: TopicPartition(SPILL, part) in r.consumer.paused, 5, what="the spill partition"
+    )
+    lane = r.lanes.lanes["campaign"]
+    assert lane.depth <= 6  # never more than the read-ahead in memory
+    assert r.intake.buffered <= 8

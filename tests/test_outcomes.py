@@ -138,7 +138,7 @@ async def test_an_abandoned_sent_ending_is_adopted_by_the_re_read_record() -> No
     first = h.request(0)
     sent(h, first)
     await wait_for(lambda: h.outcomes.failing() == 1, 5, what="the write to fail")
-    assert await h.outcomes.settle({0}, 0.05) is False  # revoked: abandoned
+    assert await h.outcomes.settle({h.tracker}, 0.05) is False  # revoked: abandoned
     assert h.released == [(0, False)]
     assert h.outcomes.writing == 0
     # the partition comes back; Kafka takes writes again; the record is read again

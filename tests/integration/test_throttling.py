@@ -6,6 +6,7 @@ from collections import Counter
 from datetime import datetime
 
 import orjson
+from aiokafka import TopicPartition
 
 from gateway.cli import sample_request
 from gateway.settings import AppSettings
@@ -112,7 +113,7 @@ async def test_committed_offset_never_passes_an_unfinished_record(
 
         await wait_for(free_done, 30, what="the free app's sends")
         assert gw.intake is not None
-        tracker = gw.intake.trackers[0]
+        tracker = gw.intake.trackers[TopicPartition(settings.requests_topic, 0)]
         await wait_for(lambda: tracker.committed == 20, 10, what="commit up to the held record")
         await gw.intake.commit()
         assert tracker.committed == 20  # not past the held record, though 80 after it are done
