@@ -59,7 +59,7 @@ class DrainPolicy:
     """How the factor follows the queue (see :func:`next_factor`)."""
 
     #: the factor never goes below this
-    min_factor: float = 0.05
+    min_factor: float = 0.01
     #: one read cuts the factor to no less than this share of it
     floor: float = 0.5
     #: aim at this share of the estimated drain, so that the queue shrinks
