@@ -25,6 +25,11 @@ busy apps share it round-robin: max-min fair.
 
 Adaptive rate (``slow_down``/``recover``) scales the pace of one bucket between
 ``min_factor`` and 1 (multiplicative decrease, additive increase).
+
+Several replicas share buckets through Redis (``gateway.shared_limiter``): such a
+bucket hands out slots of a timeline that the whole group shares, and ``acquire``
+takes them like local ones. When the last bucket is shared (the project), its slot
+is taken after every other bucket's wait and guard, and the send follows at once.
 """
 
 from __future__ import annotations
@@ -33,9 +38,21 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 Clock = Callable[[], float]
 TICK_S = 0.004  # wake-up granularity of the pacing
+
+
+class SlotSource(Protocol):
+    """A bucket whose slots come from a timeline shared with other replicas."""
+
+    async def take(self) -> None:
+        """Return at the time of the next slot (holding as long as none can be had)."""
+
+    def window_delay(self, now: float) -> float: ...
+
+    def record(self, now: float) -> None: ...
 
 
 class Bucket:
@@ -153,26 +170,38 @@ class Bucket:
         self._recompute()
 
 
-async def acquire(buckets: Sequence[Bucket], clock: Clock) -> float:
+async def acquire(buckets: Sequence[Bucket | SlotSource], clock: Clock) -> float:
     """Wait for a slot in each bucket in turn; return the total time waited.
 
     The caller sends right after this returns: the send time is recorded in each
-    bucket's window guard.
+    bucket's window guard. A shared bucket in last place is taken after the guard
+    of the others (whose sends are recorded just before it), so that nothing stands
+    between its slot and the send.
     """
     start = clock()
+    last = buckets[-1] if buckets else None
+    final = None if last is None or isinstance(last, Bucket) else last
     for bucket in buckets:
-        at = bucket.reserve()
-        delay = at - clock()
-        if delay > 0:
-            # wake on a TICK_S grid, never before the slot: sends due within the same
-            # few milliseconds share one wake-up of the event loop instead of one each
-            await asyncio.sleep(math.ceil(at / TICK_S) * TICK_S - clock())
-    while True:
+        if isinstance(bucket, Bucket):
+            at = bucket.reserve()
+            delay = at - clock()
+            if delay > 0:
+                # wake on a TICK_S grid, never before the slot: sends due within the same
+                # few milliseconds share one wake-up of the event loop instead of one each
+                await asyncio.sleep(math.ceil(at / TICK_S) * TICK_S - clock())
+        elif bucket is not final:
+            await bucket.take()
+    guarded = [b for b in buckets if b is not final]
+    now = clock()
+    while guarded:
         now = clock()
-        delay = max(b.window_delay(now) for b in buckets)
+        delay = max(b.window_delay(now) for b in guarded)
         if delay <= 0:
             break
         await asyncio.sleep(delay)
-    for bucket in buckets:
+    for bucket in guarded:
         bucket.record(now)
+    if final is not None:
+        await final.take()
+        now = clock()
     return now - start

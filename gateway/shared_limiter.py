@@ -1,0 +1,497 @@
+"""Buckets shared by every replica through Redis: one cap for the whole group.
+
+The local :class:`~gateway.limiter.Bucket` keeps one process under Sinch's strict
+1-second windows. Several replicas each pacing a share of the cap leave it idle
+when one runs dry and overshoot it when each believes in its own share, so with
+Redis the group keeps one GCRA timeline per bucket (project, channel, app) in
+Redis instead:
+
+- A short Lua script reserves ``k`` consecutive slots atomically: the first at
+  ``max(now, tat)``, each ``1/pace`` after the one before, ``pace = rate x (1 -
+  margin) x factor``; ``tat`` moves past the last. ``now`` is Redis's ``TIME``,
+  the only clock every replica shares; a replica maps a slot to its own
+  ``loop.time()`` by the reply's ``TIME`` seen from the end of the round trip, so
+  the mapping can only make a slot later, never earlier.
+- The replica hands its ``k`` slots out at exactly those times, in call order. A
+  send never goes before its slot; a slot not taken within ``grace_s`` of its time
+  is lost, never bunched later. Sends are thus within ``[slot, slot + grace_s +
+  one round trip]``, and slots are ``1/pace`` apart group-wide, so no 1-second
+  window holds more than ``ceil((1 + grace_s + rtt) x pace)`` sends: at most
+  ``rate`` while ``grace_s + rtt <= margin / (1 - margin)``. ``grace_s`` defaults to
+  half the margin, which leaves the other half for arrival jitter at Sinch.
+- ``k`` covers ``batch_horizon_s`` of the bucket's pace (at most ``max_batch``), so
+  a busy bucket costs one round trip per ``k`` sends and a slow one (an app at
+  20/s) draws few slots that it could lose when its lane runs dry.
+- The rate lives in the bucket's hash: ``set_rate`` on any replica writes it with
+  its next call and every replica adopts what the script answers, so the whole
+  group follows. ``factor`` (the adaptive slow-down after 429s) is the caller's own.
+  A bucket pushes its configured rate with its first call: the newest
+  configuration wins. Shared buckets have no burst: the spacing is the guarantee.
+
+Redis unreachable: ``take()`` holds (nothing is sent, nothing raised), slots
+drawn before are dropped (a restarted Redis may hand them out again), ``healthy()``
+is False with the reason for ``/readyz``, and a watcher pings with back-off until
+Redis answers, then sending resumes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+# KEYS[1] bucket hash; ARGV rate, margin, factor, n, push rate (0/1), idle ttl ms.
+# Returns Redis TIME (us), the bucket's rate, the first slot (us), the spacing (us).
+_DRAW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'rate')
+local rate_s = state[2]
+if ARGV[5] == '1' or not rate_s then
+  rate_s = ARGV[1]
+  redis.call('HSET', KEYS[1], 'rate', rate_s)
+end
+local pace = tonumber(rate_s) * (1 - tonumber(ARGV[2])) * tonumber(ARGV[3])
+local interval = 1000000 / pace
+local tat = tonumber(state[1]) or 0
+local first = math.max(now, tat)
+local n = tonumber(ARGV[4])
+if n > 0 then
+  tat = first + n * interval
+  redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', tat))
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(tat - now, 0) / 1000) + tonumber(ARGV[6]))
+return {string.format('%.0f', now), rate_s, string.format('%.3f', first),
+        string.format('%.6f', interval)}
+"""
+
+_OFFSET_WINDOW_S = 2.0  # clock samples kept: Redis's wall clock may slew against ours
+
+
+class SharedBucket:
+    """One bucket whose timeline is in Redis; made by :meth:`SharedLimiter.bucket`.
+
+    It has the attributes of :class:`~gateway.limiter.Bucket` that lanes, the
+    adaptive rates and the metrics use (``name``, ``rate``, ``pace``, ``factor``,
+    ``on_change``, ``slow_down``, ``recover``, ``set_rate``, ``backlog_s``), and
+    ``take()`` instead of ``reserve()``.
+    """
+
+    burst = 1.0
+
+    def __init__(
+        self,
+        limiter: SharedLimiter,
+        name: str,
+        rate: float,
+        *,
+        margin: float,
+        grace_s: float,
+        min_factor: float,
+        on_change: Callable[[SharedBucket], None] | None,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        if not 0 <= margin < 1:
+            raise ValueError("margin must be in [0, 1)")
+        self._limiter = limiter
+        self._clock = limiter.clock
+        self.name = name
+        self.key = limiter.key_prefix + name
+        self.rate = rate
+        self.margin = margin
+        self.grace_s = grace_s
+        self.factor = 1.0
+        self.min_factor = min_factor
+        self.on_change = on_change
+        self.interval = 0.0
+        self.drawn = 0  # slots reserved in Redis by this replica
+        self.lost = 0  # of those, not taken in time (or dropped while Redis was down)
+        self.roundtrips = 0
+        self._slots: deque[float] = deque()
+        self._batch = 1_000_000  # capped by batch_size() at the first draw
+        self._lost_seen = 0
+        self._waiting = 0  # callers waiting for a draw
+        self._last_slot = 0.0
+        self._push_rate = True
+        self._draw_task: asyncio.Task[None] | None = None
+        self._sent: deque[float] = deque(maxlen=max(1, int(rate)))
+        self._recompute()
+
+    @property
+    def pace(self) -> float:
+        return 1.0 / self.interval
+
+    def _recompute(self) -> None:
+        self.interval = 1.0 / (self.rate * (1.0 - self.margin) * self.factor)
+
+    def batch_size(self) -> int:
+        """The most slots drawn per round trip: ``batch_horizon_s`` of pace, 1 to ``max_batch``."""
+        lim = self._limiter
+        return max(1, min(lim.max_batch, math.ceil(self.pace * lim.batch_horizon_s)))
+
+    def _next_batch(self) -> int:
+        """Slots for the next draw: halved after a batch that lost slots, +1 after one that did not.
+
+        A slot that no caller takes in time is lost to the whole group, so a replica
+        whose demand is lower than its batches draw fewer; callers already waiting
+        take theirs at once, so they are never fewer than those.
+        """
+        cap = self.batch_size()
+        if self.lost > self._lost_seen:
+            self._batch = max(1, self._batch // 2)
+        else:
+            self._batch = min(cap, self._batch + 1)
+        self._lost_seen = self.lost
+        return min(cap, max(self._waiting, self._batch))
+
+    async def take(self) -> None:
+        """Wait for this replica's next slot on the shared timeline; return at its time.
+
+        Holds while Redis is unreachable. The caller sends right after it returns.
+        """
+        clock = self._clock
+        grace = self.grace_s
+        slots = self._slots
+        while True:
+            now = clock()
+            while slots and slots[0] + grace < now:
+                slots.popleft()
+                self.lost += 1
+            if not slots:
+                self._waiting += 1
+                try:
+                    await self._draw()
+                finally:
+                    self._waiting -= 1
+                continue
+            at = slots.popleft()
+            while now < at:
+                await asyncio.sleep(at - now)
+                now = clock()
+            if now <= at + grace and self._limiter.up:
+                return
+            self.lost += 1
+
+    async def _draw(self) -> None:
+        task = self._draw_task
+        if task is None or task.done():
+            task = self._draw_task = asyncio.create_task(
+                self._limiter.draw(self, self._next_batch()), name=f"draw-{self.name}"
+            )
+        # one draw in flight per bucket; a cancelled taker does not cancel it
+        await asyncio.shield(task)
+
+    def _accept(self, rate: float, first: float, interval: float, n: int) -> None:
+        self.drawn += n
+        self.roundtrips += 1
+        self._slots.extend(first + i * interval for i in range(n))
+        if n:
+            self._last_slot = first + (n - 1) * interval
+        # a rate set here and not yet written wins over the one Redis answered
+        if rate != self.rate and not self._push_rate:
+            log.info("bucket %s follows the group's rate %.2f/s", self.name, rate)
+            self._set_rate_locally(rate)
+            if self.on_change is not None:
+                self.on_change(self)
+
+    def _drop_slots(self) -> None:
+        self.lost += len(self._slots)
+        self._slots.clear()
+
+    def window_delay(self, now: float) -> float:
+        """This replica's own window guard, as in ``Bucket`` (used when not the last bucket)."""
+        sent = self._sent
+        if len(sent) < (sent.maxlen or 0):
+            return 0.0
+        return sent[0] + 1.0 + self.margin - now
+
+    def record(self, now: float) -> None:
+        self._sent.append(now)
+
+    def backlog_s(self) -> float:
+        """How far ahead of now this replica holds slots (0 when it holds none)."""
+        return max(0.0, self._last_slot - self._clock()) if self._slots else 0.0
+
+    def slow_down(self, factor: float = 0.5) -> bool:
+        """Multiplicative decrease of this replica's draws after a 429. True if it changed."""
+        new = max(self.min_factor, self.factor * factor)
+        if new == self.factor:
+            return False
+        self.factor = new
+        self._recompute()
+        if self.on_change:
+            self.on_change(self)
+        return True
+
+    def recover(self, step: float = 0.05) -> bool:
+        """Additive increase toward the shared rate. True if it changed."""
+        if self.factor >= 1.0:
+            return False
+        self.factor = min(1.0, self.factor + step)
+        self._recompute()
+        if self.on_change:
+            self.on_change(self)
+        return True
+
+    def set_rate(self, rate: float) -> None:
+        """Change the rate of the whole group's bucket (written to Redis at once)."""
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self._set_rate_locally(rate)
+        self._push_rate = True
+        self._limiter.push_rate(self)
+
+    def _set_rate_locally(self, rate: float) -> None:
+        self.rate = rate
+        self._sent = deque(self._sent, maxlen=max(1, int(rate)))
+        self._recompute()
+
+
+class SharedLimiter:
+    """One Redis client, the draw script, health and the watcher, for all shared buckets.
+
+    Create it inside the running loop; ``start()`` before the first ``take()``.
+    ``on_roundtrip(seconds)`` is called after every successful script call.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "sinch-gateway:limiter:",
+        max_batch: int = 16,
+        batch_horizon_s: float = 0.2,
+        timeout_s: float = 1.0,
+        ping_interval_s: float = 0.5,
+        backoff_min_s: float = 0.05,
+        backoff_max_s: float = 2.0,
+        idle_ttl_s: float = 60.0,
+        clock: Clock | None = None,
+        on_roundtrip: Callable[[float], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if batch_horizon_s <= 0:
+            raise ValueError("batch_horizon_s must be > 0")
+        self.url = url
+        self.key_prefix = key_prefix
+        self.max_batch = max_batch
+        self.batch_horizon_s = batch_horizon_s
+        self.clock = clock or asyncio.get_running_loop().time
+        self.on_roundtrip = on_roundtrip
+        self.slots_drawn = 0
+        self.roundtrips = 0
+        self.failures = 0  # calls that found Redis unreachable
+        self.reason = "redis not connected yet"
+        self._timeout_s = timeout_s
+        self._ping_interval_s = ping_interval_s
+        self._backoff = (backoff_min_s, backoff_max_s)
+        self._idle_ttl_ms = int(idle_ttl_s * 1000)
+        self._buckets: list[SharedBucket] = []
+        self._offsets: deque[tuple[float, float]] = deque()  # (local time, offset lower bound)
+        self._up = asyncio.Event()
+        self._went_down = asyncio.Event()
+        self._redis: aioredis.Redis | None = None
+        self._script: Any = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._pushes: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (a Redis that is down is not an error: sending holds until it is up)."""
+        if self._redis is not None:
+            return
+        self._redis = aioredis.Redis.from_url(
+            self.url,
+            socket_timeout=self._timeout_s,
+            socket_connect_timeout=self._timeout_s,
+            retry=Retry(NoBackoff(), 0),  # back-off is ours, and sending holds meanwhile
+            decode_responses=True,
+        )
+        self._script = self._redis.register_script(_DRAW)
+        await self._ping()
+        self._watcher = asyncio.create_task(self._watch(), name="shared-limiter-watch")
+
+    async def stop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tasks = [t for t in (self._watcher, *self._pushes) if t is not None]
+        tasks += [b._draw_task for b in self._buckets if b._draw_task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def __aenter__(self) -> SharedLimiter:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- buckets ----------------------------------------------------------
+
+    def bucket(
+        self,
+        name: str,
+        rate: float,
+        *,
+        margin: float = 0.01,
+        grace_s: float | None = None,
+        min_factor: float = 0.05,
+        on_change: Callable[[SharedBucket], None] | None = None,
+    ) -> SharedBucket:
+        """A bucket named like the local ones (``project:P``, ``app:A``, ``channel:C``).
+
+        Every replica that names the same bucket shares its timeline. ``grace_s``
+        defaults to half of ``margin`` (seconds); it must not exceed the margin.
+        """
+        grace = margin / 2 if grace_s is None else grace_s
+        if not 0 <= grace <= margin:
+            raise ValueError("grace_s must be in [0, margin]")
+        b = SharedBucket(
+            self,
+            name,
+            rate,
+            margin=margin,
+            grace_s=grace,
+            min_factor=min_factor,
+            on_change=on_change,
+        )
+        self._buckets.append(b)
+        return b
+
+    def forget(self, bucket: SharedBucket) -> None:
+        """Stop tracking a bucket (e.g. the lane of an app is gone)."""
+        with contextlib.suppress(ValueError):
+            self._buckets.remove(bucket)
+
+    # -- health -----------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        return self._up.is_set()
+
+    def healthy(self) -> bool:
+        return self._up.is_set()
+
+    def readiness(self) -> tuple[bool, str]:
+        """A ``/readyz`` check: ``(True, "connected")`` or ``(False, "redis unreachable: ...")``."""
+        return (True, "connected") if self._up.is_set() else (False, self.reason)
+
+    def _mark_up(self) -> None:
+        if not self._up.is_set():
+            log.info("shared limiter: redis reachable; sending resumes")
+        self.reason = "connected"
+        self._went_down.clear()
+        self._up.set()
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self.failures += 1
+        detail = str(exc) or type(exc).__name__
+        self.reason = f"redis unreachable: {detail[:200]}"
+        if self._up.is_set():
+            log.error("shared limiter: %s; sending holds", self.reason)
+        self._up.clear()
+        self._went_down.set()
+        for b in self._buckets:
+            b._drop_slots()
+
+    # -- Redis calls ------------------------------------------------------
+
+    async def draw(self, bucket: SharedBucket, n: int) -> None:
+        """Reserve ``n`` slots of ``bucket`` (0: only write its rate); hold until Redis answers."""
+        while True:
+            await self._up.wait()
+            push = bucket._push_rate
+            args = (repr(bucket.rate), repr(bucket.margin), repr(bucket.factor), n)
+            t0 = self.clock()
+            try:
+                reply = await self._script(
+                    keys=[bucket.key], args=[*args, "1" if push else "0", self._idle_ttl_ms]
+                )
+            except (RedisError, OSError) as exc:
+                self._mark_down(exc)
+                continue
+            t1 = self.clock()
+            if push and bucket.rate == float(args[0]):
+                bucket._push_rate = False
+            self.roundtrips += 1
+            self.slots_drawn += n
+            if self.on_roundtrip is not None:
+                self.on_roundtrip(t1 - t0)
+            offset = self._offset(int(reply[0]) / 1e6, t1)
+            bucket._accept(
+                float(reply[1]), float(reply[2]) / 1e6 - offset, float(reply[3]) / 1e6, n
+            )
+            return
+
+    def push_rate(self, bucket: SharedBucket) -> None:
+        """Write ``bucket``'s rate to Redis now (in the background, holding while down)."""
+        task = asyncio.create_task(self.draw(bucket, 0), name=f"push-rate-{bucket.name}")
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    def _offset(self, redis_now: float, local_after: float) -> float:
+        """Redis time minus local time, as low as it may be: slots map late, never early.
+
+        Redis read its clock before ``local_after``, so ``redis_now - local_after`` is a
+        lower bound of the offset; the highest recent bound is the tightest.
+        """
+        offsets = self._offsets
+        while offsets and offsets[0][0] < local_after - _OFFSET_WINDOW_S:
+            offsets.popleft()
+        offsets.append((local_after, redis_now - local_after))
+        return max(o for _, o in offsets)
+
+    async def _ping(self) -> bool:
+        assert self._redis is not None  # noqa: S101 - start() made it
+        try:
+            sec, usec = await self._redis.time()
+        except (RedisError, OSError) as exc:
+            self._mark_down(exc)
+            return False
+        self._offset(sec + usec / 1e6, self.clock())
+        self._mark_up()
+        return True
+
+    async def _watch(self) -> None:
+        """Ping while up (to notice an outage while idle); reconnect with back-off while down."""
+        lo, hi = self._backoff
+        delay = lo
+        while True:
+            if self._up.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._went_down.wait(), self._ping_interval_s)
+                if self._up.is_set() and await self._ping():
+                    continue
+            if await self._ping():
+                delay = lo
+                continue
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+            delay = min(hi, delay * 2)

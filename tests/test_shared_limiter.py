@@ -1,0 +1,240 @@
+"""Shared buckets on a real redis-server: replicas are limiter instances, each its own client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+
+from gateway.limiter import Bucket, acquire
+from gateway.shared_limiter import SharedBucket, SharedLimiter
+from tests.conftest import RedisServer, wait_for
+from tests.test_limiter import max_in_window
+
+Factory = Callable[..., Awaitable[SharedLimiter]]
+
+
+@pytest.fixture
+async def replicas(redis_server: RedisServer) -> AsyncIterator[Factory]:
+    """Limiter instances on one Redis, with a key prefix of this test's own."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    async with AsyncExitStack() as stack:
+
+        async def make(**kwargs: Any) -> SharedLimiter:
+            lim = SharedLimiter(redis_server.url, key_prefix=prefix, **kwargs)
+            return await stack.enter_async_context(lim)
+
+        yield make
+
+
+class Senders:
+    """``n`` tasks per bucket set that acquire and note the send time, as lane workers do."""
+
+    def __init__(self) -> None:
+        self.sends: dict[str, list[float]] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+        self.clock = asyncio.get_running_loop().time
+
+    def run(self, name: str, buckets: list[Bucket | SharedBucket], n: int) -> None:
+        times = self.sends.setdefault(name, [])
+
+        async def send() -> None:
+            while True:
+                await acquire(buckets, self.clock)
+                times.append(self.clock())
+
+        self.tasks += [asyncio.create_task(send()) for _ in range(n)]
+
+    def all(self) -> list[float]:
+        return sorted(t for ts in self.sends.values() for t in ts)
+
+    def count(self) -> int:
+        return sum(len(ts) for ts in self.sends.values())
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+
+@pytest.fixture
+async def senders() -> AsyncIterator[Senders]:
+    s = Senders()
+    yield s
+    await s.stop()
+
+
+async def run_for(seconds: float) -> None:
+    """Let the senders run: the measurement period itself, not a wait for a condition."""
+    await asyncio.sleep(seconds)
+
+
+async def test_three_replicas_with_skewed_load_keep_one_cap_and_use_it(
+    replicas: Factory, senders: Senders
+) -> None:
+    limiters = [await replicas() for _ in range(3)]
+    buckets = [lim.bucket("project:p", 200, margin=0.01) for lim in limiters]
+    # the third replica's partitions are idle: it holds the bucket and never draws
+    senders.run("busy", [buckets[0]], 40)
+    senders.run("less busy", [buckets[1]], 6)
+    await run_for(3.2)
+    await senders.stop()
+    sends = senders.all()
+    assert max_in_window(sends) <= 200
+    # the first and last slots bound the period: 0.2 s of tail is the pacing's own
+    span = [t for t in sends if t < sends[0] + 3.0]
+    assert len(span) >= 0.95 * 200 * 3, len(span)
+    assert len(senders.sends["less busy"]) > 0.1 * len(sends)  # both replicas drew slots
+    assert buckets[2].drawn == 0
+    roundtrips = sum(lim.roundtrips for lim in limiters)
+    per_send = roundtrips / len(sends)
+    assert per_send <= 1 / 8, per_send
+    lost = sum(b.lost for b in buckets)
+    print(
+        f"\nshared 200/s, 3 replicas (1 idle): {len(span)} sends in 3 s "
+        f"({len(span) / 600:.3f} of the cap), max 1-s window {max_in_window(sends)}, "
+        f"{per_send:.3f} round trips per send, {lost} slots lost"
+    )
+
+
+async def test_an_app_keeps_its_window_when_it_moves_to_another_replica(
+    replicas: Factory, senders: Senders
+) -> None:
+    a, b = await replicas(), await replicas()
+    app_a = a.bucket("app:a1", 20, margin=0.01)
+    app_b = b.bucket("app:a1", 20, margin=0.01)
+    senders.run("a", [app_a], 2)
+    await wait_for(lambda: len(senders.sends["a"]) >= 20, 5, what="20 sends on replica a")
+    await senders.stop()  # the app moves: a rebalance gives its partition to b
+    senders.run("b", [app_b], 2)
+    await wait_for(lambda: len(senders.sends["b"]) >= 30, 5, what="30 sends on replica b")
+    await senders.stop()
+    sends = senders.all()
+    assert max_in_window(sends) <= 20
+    steady = sends[1:]
+    rate = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert rate >= 0.9 * 20, rate  # the move costs at most the slots a still held
+    assert app_a.drawn < 60
+    assert app_b.drawn >= 30
+
+
+async def test_app_and_project_buckets_both_shared(replicas: Factory, senders: Senders) -> None:
+    a, b = await replicas(), await replicas()
+    for lim, apps in ((a, "wx"), (b, "yz")):
+        project = lim.bucket("project:p", 50, margin=0.01)
+        for app in apps:
+            senders.run(app, [lim.bucket(f"app:{app}", 20, margin=0.01), project], 1)
+    await run_for(2.2)
+    await senders.stop()
+    sends = senders.all()
+    assert max_in_window(sends) <= 50
+    for app in "wxyz":
+        assert max_in_window(senders.sends[app]) <= 20
+    span = [t for t in sends if t < sends[0] + 2.0]
+    assert len(span) >= 0.9 * 50 * 2, len(span)
+    print(f"\nboth shared: {len(span)} sends in 2 s; rt {a.roundtrips + b.roundtrips}")
+
+
+async def test_redis_down_holds_sending_and_it_resumes_by_itself(
+    redis_server: RedisServer, replicas: Factory, senders: Senders
+) -> None:
+    lim = await replicas(backoff_max_s=0.2)
+    bucket = lim.bucket("project:p", 100, margin=0.01)
+    senders.run("a", [bucket], 8)
+    await wait_for(lambda: senders.count() >= 20, 5, what="first sends")
+    assert lim.readiness() == (True, "connected")
+    try:
+        redis_server.stop()
+        await wait_for(lambda: not lim.healthy(), 5, what="the limiter to notice")
+        held_at = senders.count()
+        ok, reason = lim.readiness()
+        assert not ok
+        assert reason.startswith("redis unreachable: ")
+        failures = lim.failures
+        await wait_for(lambda: lim.failures >= failures + 3, 5, what="three reconnect attempts")
+        assert senders.count() == held_at  # held: nothing sent without a slot
+        assert all(not t.done() for t in senders.tasks)  # and nothing raised to the caller
+    finally:
+        redis_server.start()
+    await wait_for(lim.healthy, 5, what="the limiter to reconnect")
+    await wait_for(lambda: senders.count() >= held_at + 20, 5, what="sending to resume")
+    assert all(not t.done() for t in senders.tasks)
+
+
+async def test_unreachable_at_start_is_not_an_error_and_holds(redis_server: RedisServer) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with SharedLimiter(f"redis://127.0.0.1:{port}/0", timeout_s=0.2) as lim:
+        ok, reason = lim.readiness()
+        assert not ok
+        assert reason.startswith("redis unreachable: ")
+        bucket = lim.bucket("project:p", 100)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(bucket.take(), 0.3)
+        assert bucket.drawn == 0
+
+
+async def test_a_rate_change_on_one_replica_applies_to_all(
+    replicas: Factory, senders: Senders
+) -> None:
+    a, b = await replicas(), await replicas()
+    changed: list[float] = []
+    bucket_a = a.bucket("project:p", 100, margin=0.01)
+    bucket_b = b.bucket("project:p", 100, margin=0.01, on_change=lambda x: changed.append(x.rate))
+    senders.run("a", [bucket_a], 8)
+    senders.run("b", [bucket_b], 8)
+    await wait_for(lambda: senders.count() >= 100, 5, what="sends at the first rate")
+    bucket_a.set_rate(40)
+    await wait_for(lambda: bucket_b.rate == 40, 5, what="replica b to follow")
+    assert changed == [40]
+    since = senders.clock() + 0.2  # slots drawn before the change run out within a batch
+    await wait_for(lambda: senders.clock() > since + 2.0, 5, what="two seconds at the new rate")
+    after = [t for t in senders.all() if t >= since]
+    assert max_in_window(after) <= 40
+    assert len(after) >= 0.9 * 40 * 2
+    assert all(any(t >= since for t in senders.sends[n]) for n in ("a", "b"))
+
+
+async def test_the_newest_configuration_wins(replicas: Factory, senders: Senders) -> None:
+    a = await replicas()
+    old = a.bucket("channel:WHATSAPP", 80)
+    senders.run("a", [old], 2)
+    await wait_for(lambda: senders.count() >= 5, 5, what="sends at the old rate")
+    b = await replicas()  # a new replica with a new configuration starts
+    new = b.bucket("channel:WHATSAPP", 30)
+    senders.run("b", [new], 2)
+    await wait_for(lambda: old.rate == 30, 5, what="the old replica to follow")
+    assert new.rate == 30
+
+
+async def test_a_local_app_bucket_before_a_shared_project_bucket(
+    replicas: Factory, senders: Senders
+) -> None:
+    lim = await replicas()
+    project = lim.bucket("project:p", 30, margin=0.01)
+    clock = senders.clock
+    apps = [Bucket(f"app:{i}", 10, burst=2, margin=0.01, clock=clock) for i in range(4)]
+    for i, app in enumerate(apps):
+        senders.run(f"app{i}", [app, project], 1)
+    await run_for(2.2)
+    await senders.stop()
+    assert max_in_window(senders.all()) <= 30
+    for i in range(4):
+        assert max_in_window(senders.sends[f"app{i}"]) <= 10
+    assert senders.count() >= 0.9 * 30 * 2
+
+
+async def test_batches_follow_the_pace(replicas: Factory) -> None:
+    lim = await replicas(max_batch=16, batch_horizon_s=0.2)
+    assert lim.bucket("project:p", 800).batch_size() == 16
+    assert lim.bucket("app:a", 20).batch_size() == 4
+    assert lim.bucket("app:slow", 1).batch_size() == 1
+    with pytest.raises(ValueError, match="grace_s"):
+        lim.bucket("app:b", 20, margin=0.01, grace_s=0.05)
