@@ -95,7 +95,7 @@ class Intake:
         self._topics = (settings.requests_high_topic, settings.requests_topic, settings.spill_topic)
         self.consumer: Any = None
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
-        self.spill = SpillState(self.has_room)
+        self.spill = SpillState(self.wants_more)
         self.in_progress: set[str] = set()
         self.buffered = 0
         self.buffered_bytes = 0
@@ -284,6 +284,11 @@ class Intake:
     def has_room(self, app_id: str) -> bool:
         lane = self._lanes.lanes.get(app_id)
         return lane is None or lane.depth < self.read_ahead(lane)
+
+    def wants_more(self, app_id: str) -> bool:
+        """A lane drained to half its read-ahead: worth a fetch from its spill partition."""
+        lane = self._lanes.lanes.get(app_id)
+        return lane is None or lane.depth < self.read_ahead(lane) / 2
 
     def _origin(self, tracker: PartitionTracker, record: Any) -> Origin:
         return Origin(

@@ -14,8 +14,10 @@ spill partition is read only while it is *wanted*: while the app whose record
 is next in it has room in its lane, or while that app is not known yet (after
 an assignment or a restart, or once the partition is read to its end). When
 the next record belongs to an app whose lane is full, reading stops there
-(the consumer seeks back to it) until that lane has room: no record is read
-into memory beyond a lane's read-ahead, and none is written twice.
+(the consumer seeks back to it) until that lane has drained to half its
+read-ahead, and then fills it again in one fetch: no record is read into memory
+beyond a lane's read-ahead, none is written twice, and a lane is refilled in
+batches rather than one fetch round trip per record.
 
 This module keeps that state; it does no I/O.
 """
@@ -29,10 +31,10 @@ from collections.abc import Callable, Iterable
 class SpillState:
     """Which apps have spilled records, where, and which spill partitions are wanted."""
 
-    __slots__ = ("_has_room", "head", "outstanding", "partition_of", "spilled", "taken")
+    __slots__ = ("_wants_more", "head", "outstanding", "partition_of", "spilled", "taken")
 
-    def __init__(self, has_room: Callable[[str], bool]) -> None:
-        self._has_room = has_room
+    def __init__(self, wants_more: Callable[[str], bool]) -> None:
+        self._wants_more = wants_more
         self.outstanding: dict[str, int] = {}  # app -> spilled records not taken back yet
         self.partition_of: dict[str, int] = {}  # app -> its spill partition
         self.head: dict[int, str | None] = {}  # spill partition -> app of its next record
@@ -86,7 +88,7 @@ class SpillState:
 
     def wanted(self, partition: int) -> bool:
         head = self.head.get(partition)
-        return head is None or self._has_room(head)
+        return head is None or self._wants_more(head)
 
     def revoked(self, partitions: Iterable[int]) -> None:
         """Spill partitions went to another replica: their apps start afresh here."""
