@@ -237,6 +237,55 @@ def test_new_alerts_watch_outputs_progress_and_the_project() -> None:
         assert rule["annotations"]["description"], rule["alert"]
 
 
+@pytest.mark.parametrize(
+    ("alert", "old", "new"),
+    [
+        # replicas that read the same app report the same queue: a sum fires on app-d's 2 x 6000
+        (
+            "GatewaySinchQueueGrowing",
+            "max by (job, app_id) (gateway_sinch_app",
+            "sum by (job, app_id) (gateway_sinch_app",
+        ),
+        # the spill backlog is spread over partitions: the largest one alone is below the threshold
+        (
+            "GatewaySpillLagHigh",
+            "sum by (job) (gateway_spill_lag)",
+            "max by (job) (gateway_spill_lag)",
+        ),
+    ],
+)
+def test_promtool_test_rules_tells_the_queue_alerts_from_look_alikes(
+    tmp_path: Path, alert: str, old: str, new: str
+) -> None:
+    rules = ALERTS.read_text()
+    assert rules.count(old) == 1
+    (tmp_path / "alerts.yml").write_text(rules.replace(old, new))
+    shutil.copy(ALERTS_TEST, tmp_path / ALERTS_TEST.name)
+    proc = subprocess.run(
+        [tool("promtool"), "test", "rules", ALERTS_TEST.name],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert alert.encode() in proc.stdout + proc.stderr
+
+
+def test_queue_alerts_watch_sinch_queues_and_the_spill_topic() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    queue = rules["GatewaySinchQueueGrowing"]
+    assert queue["expr"].strip() == (
+        "max by (job, app_id) (gateway_sinch_app_queue_messages) > 10000"
+    )
+    assert queue["for"] == "10m"
+    assert "priority and expiry" in queue["annotations"]["description"]
+    spill = rules["GatewaySpillLagHigh"]
+    assert spill["expr"].strip() == "sum by (job) (gateway_spill_lag) > 100000"
+    assert spill["for"] == "30m"
+    assert spill["labels"]["severity"] == "warning"
+
+
 # -- Grafana -------------------------------------------------------------------------
 
 
@@ -328,6 +377,51 @@ def test_outputs_and_progress_row_shows_the_new_metrics() -> None:
     assert any("by (topic)" in e for e in exprs)
     assert any("by (partition)" in e for e in exprs)
     assert any("project" in e and "gateway_sending_paused" in e for e in exprs)
+
+
+def row_panels(title: str) -> list[dict[str, Any]]:
+    panels: list[dict[str, Any]] = dashboard()["panels"]
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row"]
+    start = next(i for i in rows if panels[i]["title"] == title)
+    end = next((i for i in rows if i > start), len(panels))
+    return panels[start + 1 : end]
+
+
+def test_isolation_and_sinch_queues_row_shows_spill_and_app_resource_metrics() -> None:
+    panels = row_panels("Isolation and Sinch queues")
+    by_metric = {name: p for p in panels for t in p["targets"] for name in metric_names(t["expr"])}
+    assert set(by_metric) == {
+        "gateway_spilled_records_total",
+        "gateway_spill_taken_back_records_total",
+        "gateway_spill_lag",
+        "gateway_sinch_app_queue_messages",
+        "gateway_app_queue_factor",
+        "gateway_app_rate_source",
+        "gateway_sinch_app_reads_total",
+    }
+    assert len(panels) == 6
+
+    def exprs(metric: str) -> str:
+        return " ".join(t["expr"] for t in by_metric[metric]["targets"] if metric in t["expr"])
+
+    spilled = by_metric["gateway_spilled_records_total"]
+    assert spilled is by_metric["gateway_spill_taken_back_records_total"]  # one panel
+    for metric in ("gateway_spilled_records_total", "gateway_spill_taken_back_records_total"):
+        assert re.search(r"topk\(10, sum by \(app_id\) \(rate\(", exprs(metric)), metric
+    assert "by (partition)" in exprs("gateway_spill_lag")
+    # replicas reading one app report the same queue: max, never sum
+    assert re.search(r"topk\(10, max by \(app_id\)", exprs("gateway_sinch_app_queue_messages"))
+    assert "min by (app_id)" in exprs("gateway_app_queue_factor")
+    assert by_metric["gateway_app_rate_source"]["type"] in {"table", "state-timeline"}
+    assert "by (app_id, source)" in exprs("gateway_app_rate_source")
+    assert re.search(r"by \(result\) \(rate\(", exprs("gateway_sinch_app_reads_total"))
+    for metric in (
+        "gateway_spilled_records_total",
+        "gateway_sinch_app_queue_messages",
+        "gateway_app_queue_factor",
+        "gateway_app_rate_source",
+    ):
+        assert 'app_id=~"$app"' in exprs(metric), metric
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_dir() -> None:
