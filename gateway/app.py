@@ -35,21 +35,24 @@ from prometheus_client import CollectorRegistry
 from gateway import logs
 from gateway.adaptive import AdaptiveRates
 from gateway.admin import Health, make_admin_app, start_site
+from gateway.app_rates import AppRates
 from gateway.consumer import Intake
 from gateway.dedupe import RecentIds
 from gateway.delivery import Delivery
 from gateway.envelope import Request
 from gateway.lanes import Lane, Lanes
-from gateway.limiter import Bucket
+from gateway.limiter import Bucket, acquire
 from gateway.metrics import Metrics
 from gateway.outcomes import Outcomes
 from gateway.producer import Publisher, ensure_topics
 from gateway.settings import Settings
+from gateway.shares import Demand, Shares
 from gateway.sinch import SinchClient
 from gateway.tokens import BasicAuth, TokenManager, TokenSource
 from gateway.webhooks import WebhookReceiver
 
 WEBHOOK_PATH = "/webhooks/sinch"
+SHARE_HEADROOM = 0.99  # shares of the project cap add up to this much of its pace
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,8 @@ class _Pipeline:
     lanes: Lanes
     intake: Intake
     adaptive: AdaptiveRates
+    rates: AppRates
+    shares: Shares
 
 
 class Gateway:
@@ -187,6 +192,8 @@ class Gateway:
             receiver.attach(events)
             pipe = self._build_pipeline(self.tokens, publisher, sinch_session, receiver)
             self._bind_metrics(pipe, health)
+            await pipe.rates.start()
+            stack.push_async_callback(pipe.rates.stop)
             await self._retry_kafka(pipe.intake.start, stop, "start consumer")
             if stop.is_set():
                 return
@@ -275,6 +282,9 @@ class Gateway:
         clock = asyncio.get_running_loop().time
         sent_ids = RecentIds(s.dedupe_size, s.dedupe_ttl_s, clock)
         intake_ref: list[Intake] = []
+        lanes_ref: list[Lanes] = []
+        sinch = SinchClient(s, sinch_session)
+        rates = self._app_rates(sinch, tokens, lanes_ref)
         outcomes = Outcomes(
             settings=s,
             publisher=publisher,
@@ -285,7 +295,7 @@ class Gateway:
         )
         delivery = Delivery(
             settings=s,
-            sinch=SinchClient(s, sinch_session),
+            sinch=sinch,
             tokens=tokens,
             outcomes=outcomes,
             metrics=self.metrics,
@@ -293,7 +303,8 @@ class Gateway:
             on_hold=self._on_hold,
             on_sent=receiver.record_sent,
         )
-        lanes = self._make_lanes(delivery, lambda req: intake_ref[0].hand_back(req))
+        lanes = self._make_lanes(delivery, rates, lambda req: intake_ref[0].hand_back(req))
+        lanes_ref.append(lanes)
         adaptive = AdaptiveRates(lanes.project_bucket, clock)
         delivery.feedback = adaptive
         intake = Intake(
@@ -307,7 +318,78 @@ class Gateway:
         )
         intake_ref.append(intake)
         self.outcomes, self.delivery, self.lanes, self.intake = outcomes, delivery, lanes, intake
-        return _Pipeline(outcomes, delivery, lanes, intake, adaptive)
+        shares = self._shares(lanes, intake)
+        return _Pipeline(outcomes, delivery, lanes, intake, adaptive, rates, shares)
+
+    def _shares(self, lanes: Lanes, intake: Intake) -> Shares:
+        """Shares of the project cap among the busy apps, while it binds."""
+        margin = self.settings.rate_margin
+
+        # Shares are paces: they add up to just under the project bucket's own pace, so
+        # that the project bucket seldom has to queue the apps (a wait there costs an
+        # app bucket its slot)
+        def cap() -> float:
+            return lanes.project_bucket.pace * SHARE_HEADROOM
+
+        def demands() -> list[Demand]:
+            outstanding = intake.spill.outstanding
+            return [
+                Demand(app_id, lane.bucket.rate * lane.bucket.factor * (1 - margin), backlog)
+                for app_id, lane in lanes.lanes.items()
+                if (backlog := lane.depth + outstanding.get(app_id, 0)) > 0
+            ]
+
+        def apply(shares: dict[str, float]) -> None:
+            for app_id, lane in lanes.lanes.items():
+                pace = shares.get(app_id)
+                lane.bucket.set_ceiling(None if pace is None else pace / (1 - margin))
+
+        return Shares(cap=cap, demands=demands, apply=apply)
+
+    def _app_rates(
+        self, sinch: SinchClient, tokens: TokenSource, lanes_ref: list[Lanes]
+    ) -> AppRates:
+        """Each app's rate as Sinch reports it (a configured rate wins), followed live."""
+        m = self.metrics
+
+        def follow(app_id: str) -> None:
+            lane = lanes_ref[0].lanes.get(app_id) if lanes_ref else None
+            if lane is None:
+                return
+            rate = rates.effective_rate(app_id)
+            if rate != lane.bucket.rate:
+                lane.bucket.set_rate(rate)
+                if lane.bucket.on_change is not None:
+                    lane.bucket.on_change(lane.bucket)
+
+        def on_rate(app_id: str, _rate: float, source: str) -> None:
+            label = m.app_label(app_id)
+            for kind in ("configured", "sinch", "fallback"):
+                m.app_rate_source.labels(label, kind).set(1.0 if kind == source else 0.0)
+            follow(app_id)
+
+        def on_factor(app_id: str, factor: float) -> None:
+            m.app_queue_factor.labels(m.app_label(app_id)).set(factor)
+            follow(app_id)
+
+        async def project_slot() -> None:  # app reads count toward the project's cap
+            if lanes_ref:
+                await acquire([lanes_ref[0].project_bucket], asyncio.get_running_loop().time)
+
+        rates = AppRates(
+            self.settings,
+            sinch,
+            tokens,
+            active_apps=lambda: list(lanes_ref[0].lanes) if lanes_ref else [],
+            on_rate=on_rate,
+            on_factor=on_factor,
+            on_queue=lambda app_id, size, _limit: m.sinch_app_queue.labels(m.app_label(app_id)).set(
+                size
+            ),
+            on_read=lambda _app_id, result: m.sinch_app_reads.labels(result).inc(),
+            before_read=project_slot,
+        )
+        return rates
 
     def _bind_metrics(self, pipe: _Pipeline, health: Health) -> None:
         m = self.metrics
@@ -337,6 +419,7 @@ class Gateway:
             run_task = tg.create_task(intake.run(), name="intake")
             commit_task = tg.create_task(intake.commit_loop(), name="commits")
             tg.create_task(pipe.adaptive.run(stop), name="adaptive-rates")
+            tg.create_task(pipe.shares.run(stop), name="project-shares")
             await stop.wait()
             self._stopping = True
             intake.stop_fetching()
@@ -351,7 +434,9 @@ class Gateway:
             await commit_task
             await intake.commit()
 
-    def _make_lanes(self, delivery: Delivery, hand_back: Callable[[Request], None]) -> Lanes:
+    def _make_lanes(
+        self, delivery: Delivery, rates: AppRates, hand_back: Callable[[Request], None]
+    ) -> Lanes:
         s = self.settings
         m = self.metrics
         loop_clock = asyncio.get_running_loop().time
@@ -381,6 +466,10 @@ class Gateway:
         project = bucket(f"project:{s.project_id}", s.project_rate, s.project_burst)
         channels = {ch: bucket(f"channel:{ch}", rate, 1.0) for ch, rate in s.channel_rates.items()}
 
+        def app_bucket(app_id: str) -> Bucket:
+            rates.note_app(app_id)  # a new app's rate is read from Sinch at once
+            return bucket(f"app:{app_id}", rates.effective_rate(app_id), s.app_burst_for(app_id))
+
         def expired(req: Request) -> bool:
             return req.expire_at is not None and req.expire_at <= time.time()
 
@@ -390,9 +479,7 @@ class Gateway:
 
         return Lanes(
             project_bucket=project,
-            make_app_bucket=lambda app_id: bucket(
-                f"app:{app_id}", s.app_rate_for(app_id), s.app_burst_for(app_id)
-            ),
+            make_app_bucket=app_bucket,
             channel_buckets=channels,
             max_in_flight=s.max_in_flight,
             sender=send,

@@ -216,24 +216,28 @@ class Intake:
         )
 
     async def _fetch(self, consumer: Any, room: int) -> dict[Any, list[Any]]:
-        """High priority first, then up to ``room`` records, a share of every partition.
+        """High priority first, the wanted spill partitions, then ``room`` requests records.
 
         aiokafka hands out one partition's buffer before the next one's; with keys
         by app, a backlog would then start app by app. Taking a slice of each
-        partition in turn starts every app at once.
+        partition in turn starts every app at once. Spill partitions are not held
+        to the budget's room: reading one stops at its lane's read-ahead anyway,
+        and a lane must refill while the budget is busy with other work.
         """
         s = self._s
         batch: dict[Any, list[Any]] = {}
-        high = self._of(s.requests_high_topic) if s.requests_high_topic != s.requests_topic else []
-        if high:
-            # never held for the budget: urgent traffic is small, and it must not wait
-            got = await consumer.getmany(*high, timeout_ms=0, max_records=s.fetch_max_records)
-            batch.update(got)
-        parts = [
-            tp
-            for tp in self._of(s.requests_topic) + self._of(s.spill_topic)
-            if tp not in self._spill_paused
-        ]
+        if s.requests_high_topic != s.requests_topic:
+            high = self._of(s.requests_high_topic)
+            if high:  # never held for the budget: urgent traffic is small and must not wait
+                batch.update(
+                    await consumer.getmany(*high, timeout_ms=0, max_records=s.fetch_max_records)
+                )
+        spill = [tp for tp in self._of(s.spill_topic) if tp not in self._spill_paused]
+        if spill:
+            each = max(1, s.fetch_max_records // len(spill))
+            for tp in spill:
+                batch.update(await consumer.getmany(tp, timeout_ms=0, max_records=each))
+        parts = self._of(s.requests_topic)
         if len(parts) > 1 or batch:
             share = max(1, room // max(1, len(parts)))
             for tp in parts:

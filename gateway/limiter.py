@@ -63,6 +63,7 @@ class Bucket:
         "_sent",
         "_tat",
         "burst",
+        "ceiling",
         "factor",
         "interval",
         "margin",
@@ -99,6 +100,7 @@ class Bucket:
         self._tat = 0.0
         # send times of the last `cap` requests: the strict-window guard
         self._sent: deque[float] = deque(maxlen=max(1, int(rate)))
+        self.ceiling: float | None = None
         self.interval = 0.0
         self.tolerance = 0.0
         self._recompute()
@@ -109,7 +111,10 @@ class Bucket:
         return 1.0 / self.interval
 
     def _recompute(self) -> None:
-        pace = self.rate * (1.0 - self.margin) * self.factor
+        rate = self.rate * self.factor
+        if self.ceiling is not None and self.ceiling < rate:
+            rate = self.ceiling
+        pace = rate * (1.0 - self.margin)
         self.interval = 1.0 / pace
         self.tolerance = (self.burst - 1.0) * self.interval
 
@@ -168,6 +173,12 @@ class Bucket:
         self.rate = rate
         self._sent = deque(self._sent, maxlen=max(1, int(rate)))
         self._recompute()
+
+    def set_ceiling(self, ceiling: float | None) -> None:
+        """Pace at no more than ``ceiling`` per second (its share of a binding project cap)."""
+        if ceiling != self.ceiling:
+            self.ceiling = ceiling
+            self._recompute()
 
 
 async def acquire(buckets: Sequence[Bucket | SlotSource], clock: Clock) -> float:

@@ -146,6 +146,31 @@ class Metrics:
         """Lanes and rate-limit buckets."""
         self.lane_depth = LaneDepth(self.app_label)
         r.register(self.lane_depth)
+        self.sinch_app_queue = Gauge(
+            "gateway_sinch_app_queue_messages",
+            "Messages waiting in the app's ingress queue at Sinch (queue_stats.outbound_size).",
+            ["app_id"],
+            registry=r,
+        )
+        self.app_queue_factor = Gauge(
+            "gateway_app_queue_factor",
+            "Share of the app's rate the gateway sends at while its Sinch queue drains "
+            "slower than reported (1: full rate).",
+            ["app_id"],
+            registry=r,
+        )
+        self.app_rate_source = Gauge(
+            "gateway_app_rate_source",
+            "1 for where the app's rate in force comes from: configured, sinch or fallback.",
+            ["app_id", "source"],
+            registry=r,
+        )
+        self.sinch_app_reads = Counter(
+            "gateway_sinch_app_reads",
+            "Reads of the app resource (rates and queue) at Sinch, by result.",
+            ["result"],
+            registry=r,
+        )
         self.limiter_wait = Histogram(
             "gateway_limiter_wait_seconds",
             "Time a request waited for its rate-limit slots.",

@@ -193,7 +193,11 @@ async def test_two_campaigns_in_one_partition_each_drain_at_their_rate(
         ids = {d["request_id"] for d in docs}
         count = sum(1 for rid, t in at.items() if rid in ids and t0 <= t < t0 + window)
         rate = count / window
-        print(f"{app}: {rate:.1f}/s of {RATE:.0f}/s")
+        per_s = [
+            sum(1 for rid, t in at.items() if rid in ids and t0 + k <= t < t0 + k + 1)
+            for k in range(int(window))
+        ]
+        print(f"{app}: {rate:.1f}/s of {RATE:.0f}/s, each second {per_s}")
         assert rate >= 0.95 * RATE * (1 - settings.rate_margin), app
 
 

@@ -1,0 +1,100 @@
+"""Shares of the project cap when it binds: fair to every app, fastest for the whole backlog.
+
+When the busy apps together may send more than the project's cap, each gets:
+
+1. a floor of 90 % of its max-min fair share, weighted by its own rate (an app
+   that bought 100/s weighs five times one at 20/s; no share above an app's
+   own rate, the rest shared again among the others: water-filling);
+2. then what is left of the cap, to the apps whose backlog takes longest to
+   drain at their own rate, each up to its own rate.
+
+The first rule keeps every app moving; the second makes the backlog as a whole
+drain in the least time Sinch allows: the app that would finish last is the one
+held back least. :func:`allocate` is the pure rule; :class:`Shares` applies it
+to the lanes every ``interval_s`` as a ceiling on each busy app's pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+FLOOR = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """A busy app: its own rate and its backlog (records waiting, memory and spill)."""
+
+    app_id: str
+    rate: float
+    backlog: int
+
+
+def weighted_fair(cap: float, rates: Mapping[str, float]) -> dict[str, float]:
+    """Max-min fair shares of ``cap``, weighted by rate, none above its own rate."""
+    shares: dict[str, float] = {}
+    active = {app: rate for app, rate in rates.items() if rate > 0}
+    left = cap
+    while active:
+        weight = sum(active.values())
+        capped = {app: rate for app, rate in active.items() if left * rate / weight >= rate}
+        if not capped:
+            for app, rate in active.items():
+                shares[app] = left * rate / weight
+            break
+        for app, rate in capped.items():
+            shares[app] = rate
+            left -= rate
+            del active[app]
+    return shares
+
+
+def allocate(cap: float, demands: Iterable[Demand], floor: float = FLOOR) -> dict[str, float]:
+    """Each busy app's rate when their rates add up to more than ``cap``.
+
+    Returns ``{}`` when the cap does not bind: every app then sends at its own rate.
+    """
+    busy = [d for d in demands if d.rate > 0 and d.backlog > 0]
+    if sum(d.rate for d in busy) <= cap:
+        return {}
+    fair = weighted_fair(cap, {d.app_id: d.rate for d in busy})
+    given = {d.app_id: floor * fair[d.app_id] for d in busy}
+    left = cap - sum(given.values())
+    for d in sorted(busy, key=lambda d: (-d.backlog / d.rate, d.app_id)):
+        if left <= 0:
+            break
+        extra = min(d.rate - given[d.app_id], left)
+        given[d.app_id] += extra
+        left -= extra
+    return given
+
+
+class Shares:
+    """Applies :func:`allocate` to the lanes' app buckets as a ceiling on their pace."""
+
+    def __init__(
+        self,
+        *,
+        cap: Callable[[], float],
+        demands: Callable[[], list[Demand]],
+        apply: Callable[[dict[str, float]], None],
+        interval_s: float = 0.1,
+    ) -> None:
+        self._cap = cap
+        self._demands = demands
+        self._apply = apply
+        self._interval = interval_s
+
+    def step(self) -> dict[str, float]:
+        shares = allocate(self._cap(), self._demands())
+        self._apply(shares)
+        return shares
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.step()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._interval)
