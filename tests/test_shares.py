@@ -1,4 +1,4 @@
-"""The project cap's shares: >= 90 % of the weighted fair share each, the rest to the longest drain."""
+"""Shares of the project cap: >= 90 % of the weighted fair share, the rest to the longest drain."""
 
 from __future__ import annotations
 
