@@ -377,13 +377,34 @@ class Intake:
         return req
 
     def _spill_out(self, req: Request) -> None:
+        app_id = req.app_id
         owned = [tp.partition for tp in self._of(self._s.spill_topic)]
-        partition = self.spill.choose(req.app_id, owned)
+        partition = self.spill.choose(app_id, owned)
         if partition is None:  # no spill partition here: the budget alone bounds memory
             self._lanes.put(req)
             return
-        self.spill.note_spilled(req.app_id)
-        self._outcomes.spilled(req, topic=self._s.spill_topic, partition=partition)
+        moving = [req]
+        if not self.spill.spilling(app_id):
+            # The app starts spilling: what its lane holds from the requests topic goes
+            # first, in order. Otherwise those records would hold their partitions'
+            # commits for a whole read-ahead, with everything spilled after them
+            # finished beyond the commit: sent again after a crash wherever the broker
+            # keeps no commit metadata.
+            requests = self._s.requests_topic
+            lane = self._lanes.lane(app_id)
+            moving = [
+                *lane.take_queued(
+                    lambda r: (
+                        r.priority is not Priority.HIGH
+                        and r.origin is not None
+                        and r.origin.topic == requests
+                    )
+                ),
+                req,
+            ]
+        for r in moving:
+            self.spill.note_spilled(app_id)
+            self._outcomes.spilled(r, topic=self._s.spill_topic, partition=partition)
 
     def release(self, ending: Ending, finished: bool) -> None:
         """``release`` for :class:`Outcomes`: the record's ending is written (or abandoned)."""
@@ -559,6 +580,13 @@ class Intake:
                     tracker.committed = committed.offset
                     tracker.committed_meta = committed.metadata or ""
                     tracker.skip = decode_done(committed.offset, committed.metadata)
+                    log.info(
+                        "%s/%d: resuming at offset %d, %d records beyond it already finished",
+                        tp.topic,
+                        tp.partition,
+                        committed.offset,
+                        len(tracker.skip),
+                    )
             self.trackers[tp] = tracker
             if tp.topic == self._s.spill_topic:
                 self.spill.read_on(tp.partition)  # what waits there is not known yet

@@ -95,6 +95,18 @@ class Lane:
         self.depth -= len(dropped)
         return dropped
 
+    def take_queued(self, select: Callable[[Request], bool]) -> list[Request]:
+        """Remove and return the queued (not retrying) requests ``select`` picks, in order."""
+        taken: list[Request] = []
+        for q in self._queues:
+            kept: list[Request] = []
+            for r in q:
+                (taken if select(r) else kept).append(r)
+            q.clear()
+            q.extend(kept)
+        self.depth -= len(taken)
+        return taken
+
     def _wake(self) -> None:
         fut = self._wakeup
         if fut is not None and not fut.done():
