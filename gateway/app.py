@@ -82,6 +82,8 @@ class Gateway:
         settings.require_credentials()
         self.settings = settings
         logs.protect_secrets(settings)
+        for project in settings.projects.values():
+            logs.protect(project.key_secret.reveal())
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry, max_app_labels=settings.max_app_labels)
         self.http_port: int | None = None
@@ -91,7 +93,7 @@ class Gateway:
         self.lanes: Lanes | None = None
         self.outcomes: Outcomes | None = None
         self.delivery: Delivery | None = None
-        self.tokens: TokenSource | None = None
+        self.tokens: dict[str, TokenSource] = {}  # by project_id
         self._stopping = False
 
     # -- readiness --------------------------------------------------------
@@ -114,11 +116,14 @@ class Gateway:
             return True, f"{len(intake.trackers)} assigned"
 
         def token() -> tuple[bool, str]:
-            if self.tokens is None:
+            if not self.tokens:
                 return False, "not started"
-            if isinstance(self.tokens, BasicAuth):
+            if self.settings.auth_mode == "basic":
                 return True, "basic auth"
-            return (True, "valid") if self.tokens.is_valid() else (False, "no valid token")
+            invalid = sorted(p for p, t in self.tokens.items() if not t.is_valid())
+            if invalid:
+                return False, f"no valid token for project {', '.join(invalid)}"
+            return True, "valid"
 
         def sending() -> tuple[bool, str]:
             if self._stopping:
@@ -159,12 +164,13 @@ class Gateway:
         s = self.settings
         if not s.share_project_rate or self.lanes is None or owned == 0:
             return
-        bucket = self.lanes.project_bucket
-        rate = s.project_rate * owned / total
-        if rate != bucket.rate:
-            bucket.set_rate(rate)
-            if bucket.on_change is not None:
-                bucket.on_change(bucket)
+        buckets = {s.project_id: self.lanes.project_bucket, **self.lanes.project_buckets}
+        for project_id, bucket in buckets.items():
+            rate = s.project_rate_for(project_id) * owned / total
+            if rate != bucket.rate:
+                bucket.set_rate(rate)
+                if bucket.on_change is not None:
+                    bucket.on_change(bucket)
 
     def _on_hold(self, scope: str, reason: str) -> None:
         log.error("Sinch refused the %s (%s): all sending held, retrying", scope, reason)
@@ -184,7 +190,7 @@ class Gateway:
                 if stop.is_set():
                     return
             sinch_session, auth_session = self._http_sessions(stack)
-            self.tokens = self._token_source(stack, auth_session, stop)
+            self.tokens = self._token_sources(stack, auth_session, stop)
             publisher = await self._start_publisher(stack, stop, linger_ms=25, what="producer")
             events = await self._start_publisher(stack, stop, linger_ms=1, what="events producer")
             if publisher is None or events is None:
@@ -238,28 +244,35 @@ class Gateway:
         stack.push_async_callback(auth_session.close)
         return sinch_session, auth_session
 
-    def _token_source(
+    def _token_sources(
         self, stack: AsyncExitStack, session: aiohttp.ClientSession, stop: asyncio.Event
-    ) -> TokenSource:
+    ) -> dict[str, TokenSource]:
+        """One token source per Sinch project (its own key), each kept fresh."""
         s = self.settings
         m = self.metrics
-        if s.auth_mode == "basic":
-            return BasicAuth(s.key_id, s.key_secret)
-        manager = TokenManager(
-            session,
-            auth_url=s.auth_url,
-            key_id=s.key_id,
-            key_secret=s.key_secret,
-            refresh_margin_s=s.token_refresh_margin_s,
-            backoff_base_s=s.backoff_base_s,
-            backoff_max_s=s.backoff_max_s,
-            on_refresh=lambda result, _exp: m.token_refreshes.labels(result).inc(),
-        )
-        stack.push_async_callback(manager.close)
-        keeper = asyncio.create_task(manager.keep_fresh(stop), name="token-keeper")
-        stack.push_async_callback(_cancel, keeper)
-        m.token_expires_in.set_function(lambda: manager.seconds_left() or -1.0)
-        return manager
+        sources: dict[str, TokenSource] = {}
+        for project_id, project in s.all_projects().items():
+            if s.auth_mode == "basic":
+                sources[project_id] = BasicAuth(project.key_id, project.key_secret)
+                continue
+            manager = TokenManager(
+                session,
+                auth_url=s.auth_url,
+                key_id=project.key_id,
+                key_secret=project.key_secret,
+                refresh_margin_s=s.token_refresh_margin_s,
+                backoff_base_s=s.backoff_base_s,
+                backoff_max_s=s.backoff_max_s,
+                on_refresh=lambda result, _exp: m.token_refreshes.labels(result).inc(),
+            )
+            stack.push_async_callback(manager.close)
+            keeper = asyncio.create_task(manager.keep_fresh(stop), name=f"token-{project_id}")
+            stack.push_async_callback(_cancel, keeper)
+            sources[project_id] = manager
+        main = sources[s.project_id]
+        if isinstance(main, TokenManager):
+            m.token_expires_in.set_function(lambda: main.seconds_left() or -1.0)
+        return sources
 
     async def _start_publisher(
         self, stack: AsyncExitStack, stop: asyncio.Event, *, linger_ms: int, what: str
@@ -273,7 +286,7 @@ class Gateway:
 
     def _build_pipeline(
         self,
-        tokens: TokenSource,
+        tokens: dict[str, TokenSource],
         publisher: Publisher,
         sinch_session: aiohttp.ClientSession,
         receiver: WebhookReceiver,
@@ -284,7 +297,7 @@ class Gateway:
         intake_ref: list[Intake] = []
         lanes_ref: list[Lanes] = []
         sinch = SinchClient(s, sinch_session)
-        rates = self._app_rates(sinch, tokens, lanes_ref)
+        rates = self._app_rates(sinch, tokens[s.project_id], lanes_ref)
         outcomes = Outcomes(
             settings=s,
             publisher=publisher,
@@ -328,15 +341,21 @@ class Gateway:
         # Shares are paces: they add up to just under the project bucket's own pace, so
         # that the project bucket seldom has to queue the apps (a wait there costs an
         # app bucket its slot)
-        def cap() -> float:
-            return lanes.project_bucket.pace * SHARE_HEADROOM
+        main = self.settings.project_id
 
-        def demands() -> list[Demand]:
+        def groups() -> list[tuple[float, list[Demand]]]:
             outstanding = intake.spill.outstanding
+            by_project: dict[str, list[Demand]] = {}
+            for app_id, lane in lanes.lanes.items():
+                backlog = lane.depth + outstanding.get(app_id, 0)
+                if backlog > 0:
+                    pace = lane.bucket.rate * lane.bucket.factor * (1 - margin)
+                    project = lane.project or main
+                    by_project.setdefault(project, []).append(Demand(app_id, pace, backlog))
+            buckets = {main: lanes.project_bucket, **lanes.project_buckets}
             return [
-                Demand(app_id, lane.bucket.rate * lane.bucket.factor * (1 - margin), backlog)
-                for app_id, lane in lanes.lanes.items()
-                if (backlog := lane.depth + outstanding.get(app_id, 0)) > 0
+                (buckets.get(p, lanes.project_bucket).pace * SHARE_HEADROOM, d)
+                for p, d in by_project.items()
             ]
 
         def apply(shares: dict[str, float]) -> None:
@@ -344,7 +363,7 @@ class Gateway:
                 pace = shares.get(app_id)
                 lane.bucket.set_ceiling(None if pace is None else pace / (1 - margin))
 
-        return Shares(cap=cap, demands=demands, apply=apply)
+        return Shares(groups=groups, apply=apply)
 
     def _app_rates(
         self, sinch: SinchClient, tokens: TokenSource, lanes_ref: list[Lanes]
@@ -380,7 +399,12 @@ class Gateway:
             self.settings,
             sinch,
             tokens,
-            active_apps=lambda: list(lanes_ref[0].lanes) if lanes_ref else [],
+            # the default project's apps; another project's apps use configured rates
+            active_apps=lambda: [
+                app_id
+                for app_id, lane in (lanes_ref[0].lanes.items() if lanes_ref else ())
+                if lane.project in (None, self.settings.project_id)
+            ],
             on_rate=on_rate,
             on_factor=on_factor,
             on_queue=lambda app_id, size, _limit: m.sinch_app_queue.labels(m.app_label(app_id)).set(
@@ -399,12 +423,14 @@ class Gateway:
         m.in_flight.set_function(lambda: lanes.in_flight)
         m.ready.set_function(lambda: 1.0 if health.ready() else 0.0)
         m.lane_depth.bind(lambda: [(ln.app_id, ln.depth) for ln in lanes.lanes.values()])
-        m.sending_paused.labels("auth").set_function(
-            lambda: 1.0 if delivery.held() not in (None, "project_refused") else 0.0
-        )
-        m.sending_paused.labels("project").set_function(
-            lambda: 1.0 if delivery.held() == "project_refused" else 0.0
-        )
+
+        def held(scope: str) -> float:
+            why = delivery.held()
+            refused = why is not None and why.startswith("project_refused")
+            return 1.0 if why is not None and refused == (scope == "project") else 0.0
+
+        m.sending_paused.labels("auth").set_function(lambda: held("auth"))
+        m.sending_paused.labels("project").set_function(lambda: held("project"))
         m.sending_paused.labels("app").set_function(
             lambda: sum(1 for ln in lanes.lanes.values() if ln.paused_until > clock())
         )
@@ -464,11 +490,20 @@ class Gateway:
             return b
 
         project = bucket(f"project:{s.project_id}", s.project_rate, s.project_burst)
+        others = {
+            pid: bucket(f"project:{pid}", s.project_rate_for(pid), s.project_burst)
+            for pid in s.all_projects()
+            if pid != s.project_id
+        }
         channels = {ch: bucket(f"channel:{ch}", rate, 1.0) for ch, rate in s.channel_rates.items()}
 
-        def app_bucket(app_id: str) -> Bucket:
-            rates.note_app(app_id)  # a new app's rate is read from Sinch at once
-            return bucket(f"app:{app_id}", rates.effective_rate(app_id), s.app_burst_for(app_id))
+        def app_bucket(app_id: str, project_id: str | None) -> Bucket:
+            if project_id in (None, s.project_id):
+                rates.note_app(app_id)  # a new app's rate is read from Sinch at once
+                rate = rates.effective_rate(app_id)
+            else:
+                rate = s.app_rate_for(app_id)
+            return bucket(f"app:{app_id}", rate, s.app_burst_for(app_id))
 
         def expired(req: Request) -> bool:
             return req.expire_at is not None and req.expire_at <= time.time()
@@ -479,6 +514,7 @@ class Gateway:
 
         return Lanes(
             project_bucket=project,
+            project_buckets=others,
             make_app_bucket=app_bucket,
             channel_buckets=channels,
             max_in_flight=s.max_in_flight,

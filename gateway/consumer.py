@@ -93,6 +93,7 @@ class Intake:
         self._on_share = on_share
         self._consumer_factory = consumer_factory or self._make_consumer
         self._topics = (settings.requests_high_topic, settings.requests_topic, settings.spill_topic)
+        self._projects = frozenset(settings.all_projects())
         self.consumer: Any = None
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
         self.spill = SpillState(self.wants_more)
@@ -365,6 +366,16 @@ class Intake:
         req.origin = origin
         req.received_at = self._clock()
         rid = req.request_id
+        if req.project_id is not None and req.project_id not in self._projects:
+            # a Sinch key belongs to one project: one this gateway has no key for
+            self._outcomes.rejected(
+                origin,
+                "unknown_project",
+                f"project_id {req.project_id} is not configured",
+                request_id=rid,
+                app_id=req.app_id,
+            )
+            return None
         if rid in self.in_progress or rid in self._sent_ids:
             self._outcomes.duplicate(origin)  # the original keeps its in-progress mark
             return None

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from gateway.envelope import Request, correlation_for
@@ -58,7 +58,7 @@ class Delivery:
         *,
         settings: Settings,
         sinch: SinchClient,
-        tokens: TokenSource,
+        tokens: TokenSource | Mapping[str, TokenSource],
         outcomes: Outcomes,
         metrics: Metrics,
         clock: Callable[[], float],
@@ -68,7 +68,10 @@ class Delivery:
     ) -> None:
         self._s = settings
         self._sinch = sinch
-        self._tokens = tokens
+        # one token source per Sinch project: an access key belongs to one project
+        self._tokens: Mapping[str, TokenSource] = (
+            tokens if isinstance(tokens, Mapping) else {settings.project_id: tokens}
+        )
         self._outcomes = outcomes
         self._m = metrics
         self._clock = clock
@@ -76,26 +79,37 @@ class Delivery:
         self._on_hold = on_hold
         self._on_sent = on_sent
         self.app_pause_s = 30.0
-        self.hold_until = 0.0  # all sending held (credentials or project refused)
-        self.hold_reason = ""
-        self._forbidden: dict[str, float] = {}  # app_id -> time of its last 403
+        # project_id -> (held until, why): all sending of a project held
+        self._holds: dict[str, tuple[float, str]] = {}
+        self._forbidden: dict[tuple[str, str], float] = {}  # (project, app) -> last 403
 
-    async def gate(self) -> None:
-        """Wait until sending may go on: nothing held and a token at hand."""
+    def project_of(self, req: Request) -> str:
+        return req.project_id or self._s.project_id
+
+    def tokens_for(self, project_id: str) -> TokenSource:
+        return self._tokens.get(project_id) or self._tokens[self._s.project_id]
+
+    async def gate(self, req: Request | None = None) -> None:
+        """Wait until sending may go on: its project not held and a token at hand."""
+        project = self.project_of(req) if req is not None else self._s.project_id
         while True:
-            hold = self.hold_until - self._clock()
+            hold = self._holds.get(project, (0.0, ""))[0] - self._clock()
             if hold > 0:
                 await asyncio.sleep(hold)
                 continue
             try:
-                await self._tokens.authorization()
+                await self.tokens_for(project).authorization()
                 return
             except AuthError:
                 await asyncio.sleep(min(1.0, self._s.backoff_base_s))
 
     def held(self) -> str | None:
-        """Why all sending is held now, or None."""
-        return self.hold_reason if self.hold_until > self._clock() else None
+        """Why sending is held now (the first held project's reason), or None."""
+        now = self._clock()
+        for project, (until, reason) in self._holds.items():
+            if until > now:
+                return reason if project == self._s.project_id else f"{reason} ({project})"
+        return None
 
     async def attempt(self, req: Request, lane: Lane) -> None:
         """One try. Never raises: whatever happens, the request is retried or ends."""
@@ -112,11 +126,13 @@ class Delivery:
         header = ""
         status: int | None = None
         region = req.region or s.app_region(req.app_id)
+        project = self.project_of(req)
+        tokens = self.tokens_for(project)
         try:
-            header = await self._tokens.authorization()
+            header = await tokens.authorization()
             accepted = await self._sinch.send(
                 region=region,
-                project_id=req.project_id or s.project_id,
+                project_id=project,
                 body=req.body(time.time()),
                 authorization=header,
             )
@@ -134,7 +150,7 @@ class Delivery:
                 renewed=req.renewed,
                 max_delay_s=s.backoff_max_s,
                 own_region=req.region is not None and req.region != s.app_region(req.app_id),
-                own_project=req.project_id is not None and req.project_id != s.project_id,
+                own_project=req.project_id is not None and req.project_id not in self._tokens,
             )
             await self._after_error(req, lane, exc, decision, header)
             return
@@ -177,7 +193,7 @@ class Delivery:
         if isinstance(exc, TransportError) and exc.in_doubt:
             self._m.in_doubt.inc()
         if action is Action.PAUSE_APP and isinstance(exc, SinchError) and exc.status == 403:
-            action = self._forbidden_app(req.app_id, now)
+            action = self._forbidden_app(self.project_of(req), req.app_id, now)
         if action is Action.RETRY:
             elapsed = now - req.received_at
             if req.attempts >= self._s.max_attempts or elapsed >= self._s.max_retry_time_s:
@@ -196,7 +212,7 @@ class Delivery:
             req.attempts -= 1  # an expired token is not the request's fault
             # on failure the next attempt meets the back-off of the token manager
             with contextlib.suppress(AuthError):
-                await self._tokens.renew(header)
+                await self.tokens_for(self.project_of(req)).renew(header)
             lane.put_retry(req, now)
         elif action is Action.PAUSE_APP:
             if now - req.received_at >= self._s.max_retry_time_s:
@@ -218,26 +234,28 @@ class Delivery:
             req.attempts -= 1
             req.renewed = False
             reason = "project_refused" if action is Action.PAUSE_PROJECT else decision.reason
-            if self.hold_until <= now:
-                self.hold_until = now + self._s.backoff_max_s
-                self.hold_reason = reason
+            project = self.project_of(req)
+            if self._holds.get(project, (0.0, ""))[0] <= now:
+                self._holds[project] = (now + self._s.backoff_max_s, reason)
                 if self._on_hold is not None:
-                    self._on_hold("project" if action is Action.PAUSE_PROJECT else "auth", reason)
+                    scope = "project" if action is Action.PAUSE_PROJECT else "auth"
+                    self._on_hold(scope, f"{reason}, project {project}")
                 if action is Action.PAUSE_AUTH:
                     with contextlib.suppress(AuthError):
-                        await self._tokens.renew(header)
+                        await self.tokens_for(project).renew(header)
             lane.put_retry(req, now)
         else:
             self.fail(req, decision.reason, exc)
 
-    def _forbidden_app(self, app_id: str, now: float) -> Action:
-        """A 403 for one app; the same from a second app at once means the project."""
+    def _forbidden_app(self, project: str, app_id: str, now: float) -> Action:
+        """A 403 for one app; the same from a second app of its project at once: the project."""
         forbidden = self._forbidden
-        forbidden[app_id] = now
+        forbidden[(project, app_id)] = now
         for other, at in list(forbidden.items()):
             if now - at > self.app_pause_s:
                 del forbidden[other]
-        return Action.PAUSE_PROJECT if len(forbidden) >= 2 else Action.PAUSE_APP
+        apps = sum(1 for p, _ in forbidden if p == project)
+        return Action.PAUSE_PROJECT if apps >= 2 else Action.PAUSE_APP
 
     def fail(self, req: Request, reason: str, exc: Exception | None) -> None:
         """Terminal failure: the original record to the DLQ and a ``failed`` result."""

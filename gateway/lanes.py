@@ -22,7 +22,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from gateway.envelope import Request
@@ -47,12 +47,14 @@ class Lane:
         "depth",
         "pause_reason",
         "paused_until",
+        "project",
         "worker",
     )
 
-    def __init__(self, app_id: str, bucket: Bucket) -> None:
+    def __init__(self, app_id: str, bucket: Bucket, project: str | None = None) -> None:
         self.app_id = app_id
         self.bucket = bucket
+        self.project = project  # the Sinch project of its requests (None: the default one)
         self._queues: tuple[deque[Request], ...] = (deque(), deque(), deque())
         self._retries: list[tuple[float, int, Request]] = []
         self._wakeup: asyncio.Future[None] | None = None
@@ -149,7 +151,7 @@ class Lanes:
         self,
         *,
         project_bucket: Bucket,
-        make_app_bucket: Callable[[str], Bucket],
+        make_app_bucket: Callable[[str, str | None], Bucket],
         channel_buckets: dict[str, Bucket],
         max_in_flight: int,
         sender: Sender,
@@ -157,10 +159,13 @@ class Lanes:
         on_wait: Callable[[float], None] | None = None,
         expired: Callable[[Request], bool] | None = None,
         on_expired: Callable[[Request], None] | None = None,
-        gate: Callable[[], Awaitable[None]] | None = None,
+        gate: Callable[[Request], Awaitable[None]] | None = None,
+        project_buckets: Mapping[str, Bucket] | None = None,
         hand_back: Callable[[Request], None] | None = None,
     ) -> None:
         self.project_bucket = project_bucket
+        # the other Sinch projects' buckets, by project_id (a record's own project_id)
+        self.project_buckets: Mapping[str, Bucket] = project_buckets or {}
         self._make_app_bucket = make_app_bucket
         self.channel_buckets = channel_buckets
         self._in_flight = asyncio.Semaphore(max_in_flight)
@@ -177,15 +182,22 @@ class Lanes:
         self._closed = False
         self.in_flight = 0
 
-    def lane(self, app_id: str) -> Lane:
+    def lane(self, app_id: str, project: str | None = None) -> Lane:
+        """The lane of ``app_id`` (made on first use, in the Sinch project given)."""
         lane = self.lanes.get(app_id)
         if lane is None:
-            lane = self.lanes[app_id] = Lane(app_id, self._make_app_bucket(app_id))
+            bucket = self._make_app_bucket(app_id, project)
+            lane = self.lanes[app_id] = Lane(app_id, bucket, project)
             lane.worker = asyncio.create_task(self._work(lane), name=f"lane-{app_id}")
         return lane
 
     def put(self, req: Request) -> None:
-        self.lane(req.app_id).put(req)
+        self.lane(req.app_id, req.project_id).put(req)
+
+    def project_for(self, req: Request) -> Bucket:
+        if req.project_id is None:
+            return self.project_bucket
+        return self.project_buckets.get(req.project_id, self.project_bucket)
 
     @property
     def depth(self) -> int:
@@ -193,7 +205,6 @@ class Lanes:
 
     async def _work(self, lane: Lane) -> None:
         clock = self._clock
-        project = self.project_bucket
         channels = self.channel_buckets
         while True:
             req = await lane.get(clock)
@@ -204,7 +215,8 @@ class Lanes:
             await self._in_flight.acquire()
             if self._gate is not None:
                 # e.g. a valid token is at hand: nothing may stand between slot and wire
-                await self._gate()
+                await self._gate(req)
+            project = self.project_for(req)
             chan = channels.get(req.channel) if req.channel and channels else None
             buckets = (lane.bucket, chan, project) if chan else (lane.bucket, project)
             waited = await acquire(buckets, clock)

@@ -152,6 +152,21 @@ class AppSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProjectSettings:
+    """Another Sinch project (``[projects.NAME]``): its own key, region and cap.
+
+    A record selects it by naming its ``project_id``; a Sinch access key belongs to
+    one project, so each project has its own token and its own project bucket.
+    """
+
+    project_id: str
+    key_id: str
+    key_secret: Secret
+    region: Region | None = None  # default: the top-level region
+    rate: float | None = None  # default: project_rate
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -204,6 +219,7 @@ class Settings:
     # each replica paces the project at project_rate x (its partitions / all partitions)
     share_project_rate: bool = True
     apps: Mapping[str, AppSettings] = field(default_factory=dict)
+    projects: Mapping[str, ProjectSettings] = field(default_factory=dict)
     # each active app's rate_limits.outbound and queue_stats are read from Sinch at
     # start and every app_rate_refresh_s; an app with a non-empty queue (or slowed
     # down for it) every app_queue_refresh_s (gateway.app_rates)
@@ -320,6 +336,23 @@ class Settings:
     def app_burst_for(self, app_id: str) -> float:
         app = self.apps.get(app_id)
         return app.burst if app and app.burst else self.app_burst
+
+    def all_projects(self) -> dict[str, ProjectSettings]:
+        """Every project by its project_id, the top-level one included."""
+        main = ProjectSettings(
+            project_id=self.project_id,
+            key_id=self.key_id,
+            key_secret=self.key_secret,
+            region=self.region,
+            rate=self.project_rate,
+        )
+        out = {p.project_id: p for p in self.projects.values()}
+        out[self.project_id] = main
+        return out
+
+    def project_rate_for(self, project_id: str) -> float:
+        project = self.all_projects().get(project_id)
+        return project.rate if project is not None and project.rate else self.project_rate
 
 
 _POSITIVE = (
@@ -466,6 +499,40 @@ def _apps_from(key: str, raw: Any) -> dict[str, AppSettings]:
     return apps
 
 
+def _projects_from(key: str, raw: Any) -> dict[str, ProjectSettings]:
+    """``[projects.NAME]`` tables; ``key_secret_file`` may stand for ``key_secret``."""
+    shape = "a table of NAME = {project_id, key_id, key_secret or key_secret_file, region, rate}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, shape, raw)
+    hints = typing.get_type_hints(ProjectSettings)
+    projects: dict[str, ProjectSettings] = {}
+    for name, table in raw.items():
+        if isinstance(table, ProjectSettings):
+            projects[str(name)] = table
+            continue
+        where = f"{key}.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(where, shape, table)
+        table = dict(table)
+        secret_file = table.pop("key_secret_file", None)
+        if secret_file is not None:
+            try:
+                table["key_secret"] = Path(str(secret_file)).read_text().strip()
+            except OSError:
+                raise ConfigError(f"{where}.key_secret_file", "a readable file", "?") from None
+        unknown = set(table) - set(hints)
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}", "a key of " + shape, "?")
+        for required in ("project_id", "key_id", "key_secret"):
+            if not table.get(required):
+                raise ConfigError(f"{where}.{required}", "a non-empty value", "")
+        values = {k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in table.items()}
+        if values.get("rate") is not None and values["rate"] <= 0:
+            raise ConfigError(f"{where}.rate", "a number greater than 0", values["rate"])
+        projects[str(name)] = ProjectSettings(**values)
+    return projects
+
+
 def _channel_rates_from(key: str, raw: Any) -> dict[str, float]:
     if not isinstance(raw, dict):
         raise ConfigError(key, "a table of CHANNEL = rate", raw)
@@ -538,6 +605,8 @@ def _convert(name: str, raw: Any, hint: Any) -> Any:
         return raw if _is_app_map(raw) else _apps_from(name, raw)
     if name == "channel_rates":
         return _channel_rates_from(name, raw)
+    if name == "projects":
+        return _projects_from(name, raw)
     if isinstance(raw, Secret):
         return raw
     return _coerce(name, raw, hint)
@@ -583,8 +652,8 @@ def load(
         # the variable itself is named first; another source is named after the key
         sources[name] = None if var == env_var(name) else var
         try:
-            if name == "apps":
-                raise ConfigError(name, "per-app settings in the TOML file ([apps.ID])", "env")
+            if name in ("apps", "projects"):
+                raise ConfigError(name, f"tables in the TOML file ([{name}.NAME])", "env")
             values[name] = _parse_mapping_env(name, text) if name == "channel_rates" else text
         except ConfigError as exc:
             problems.append(_located(exc, sources))

@@ -73,23 +73,26 @@ def allocate(cap: float, demands: Iterable[Demand], floor: float = FLOOR) -> dic
 
 
 class Shares:
-    """Applies :func:`allocate` to the lanes' app buckets as a ceiling on their pace."""
+    """Applies :func:`allocate` to the lanes' app buckets as a ceiling on their pace.
+
+    ``groups()`` gives, for each Sinch project, its cap and its busy apps' demands.
+    """
 
     def __init__(
         self,
         *,
-        cap: Callable[[], float],
-        demands: Callable[[], list[Demand]],
+        groups: Callable[[], Iterable[tuple[float, list[Demand]]]],
         apply: Callable[[dict[str, float]], None],
         interval_s: float = 0.1,
     ) -> None:
-        self._cap = cap
-        self._demands = demands
+        self._groups = groups
         self._apply = apply
         self._interval = interval_s
 
     def step(self) -> dict[str, float]:
-        shares = allocate(self._cap(), self._demands())
+        shares: dict[str, float] = {}
+        for cap, demands in self._groups():
+            shares.update(allocate(cap, demands))
         self._apply(shares)
         return shares
 

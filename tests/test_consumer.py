@@ -60,7 +60,7 @@ class Rig:
         )
         self.lanes = Lanes(
             project_bucket=Bucket("project", 10_000, clock=loop_clock),
-            make_app_bucket=lambda app: Bucket(
+            make_app_bucket=lambda app, _project: Bucket(
                 f"app:{app}", rates.get(app, 10_000), clock=loop_clock
             ),
             channel_buckets={},
@@ -213,7 +213,7 @@ async def test_a_refused_write_holds_the_commit_and_trips_the_watchdog(rig: Any)
 async def test_revocation_hands_back_queued_work_and_commits(rig: Any) -> None:
     r = await rig(revoke_timeout_s=0.2)
     loop_clock = asyncio.get_running_loop().time
-    r.lanes._make_app_bucket = lambda app: Bucket(f"app:{app}", 1, clock=loop_clock)
+    r.lanes._make_app_bucket = lambda app, _project: Bucket(f"app:{app}", 1, clock=loop_clock)
     r.open.clear()
     for _ in range(4):
         r.publish(0, "a1")

@@ -117,7 +117,7 @@ async def make_pipe(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awaitabl
         )
         lanes = Lanes(
             project_bucket=Bucket("project", 500, clock=loop.time),
-            make_app_bucket=lambda app: Bucket(f"app:{app}", 200, clock=loop.time),
+            make_app_bucket=lambda app, _project: Bucket(f"app:{app}", 200, clock=loop.time),
             channel_buckets={},
             max_in_flight=20,
             sender=delivery.attempt,

@@ -42,7 +42,7 @@ async def lanes() -> AsyncIterator[tuple[Lanes, Recorder]]:
     rec = Recorder()
     lanes = Lanes(
         project_bucket=Bucket("project", 10_000, clock=clock),
-        make_app_bucket=lambda app: Bucket(f"app:{app}", 10_000, clock=clock),
+        make_app_bucket=lambda app, _project: Bucket(f"app:{app}", 10_000, clock=clock),
         channel_buckets={},
         max_in_flight=10,
         sender=rec.send,
