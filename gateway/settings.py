@@ -255,6 +255,10 @@ class Settings:
     webhook_port: int | None = None
     webhook_secret: Secret | None = None
     webhook_secret_previous: Secret | None = None
+    # app_id -> the secrets of its webhooks (up to 5 per Sinch app, each its own, and
+    # old ones during a rotation); a callback of the app is verified with these, then
+    # with webhook_secret(_previous). GATEWAY_WEBHOOK_SECRETS(_FILE): app_id=secret lines.
+    webhook_secrets: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
     webhook_max_age_s: float = 300.0
     webhook_max_body_bytes: int = 1024 * 1024
     webhook_publish_timeout_s: float = 10.0
@@ -539,6 +543,40 @@ def _channel_rates_from(key: str, raw: Any) -> dict[str, float]:
     return {str(ch).upper(): _coerce(f"{key}.{ch}", v, float) for ch, v in raw.items()}
 
 
+def _webhook_secrets_from(key: str, raw: Any) -> dict[str, tuple[Secret, ...]]:
+    """``app_id = secret | [secrets]`` from TOML, or ``app_id=secret`` lines from env.
+
+    Lines split at the first ``=`` only (a secret may hold ``=`` or ``,``); blank and
+    ``#`` lines are skipped; an app named twice has both secrets. Errors name the
+    app or the line, never a secret.
+    """
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(raw, str):
+        for number, line in enumerate(raw.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            app_id, sep, secret = line.partition("=")
+            if not sep or not app_id.strip():
+                raise ConfigError(key, "lines of app_id=secret", f"<line {number}>")
+            pairs.append((app_id.strip(), secret.strip()))
+    elif isinstance(raw, Mapping):
+        for app_id, value in raw.items():
+            values = list(value) if isinstance(value, list | tuple) else [value]
+            pairs.extend((str(app_id), v) for v in values)
+    else:
+        raise ConfigError(key, 'a table of "app_id" = ["secret", ...]', "<secret>")
+    out: dict[str, tuple[Secret, ...]] = {}
+    for app_id, value in pairs:
+        text = value.reveal() if isinstance(value, Secret) else value
+        if not isinstance(text, str) or not text:
+            raise ConfigError(f"{key}.{app_id}", "non-empty secret strings", "<secret>")
+        known = out.get(app_id, ())
+        if Secret(text) not in known:
+            out[app_id] = (*known, Secret(text))
+    return out
+
+
 def _parse_mapping_env(key: str, text: str) -> dict[str, Any]:
     """``GATEWAY_CHANNEL_RATES=SMS=10,WHATSAPP=80`` style values (a file may use lines)."""
     out: dict[str, Any] = {}
@@ -605,6 +643,8 @@ def _convert(name: str, raw: Any, hint: Any) -> Any:
         return raw if _is_app_map(raw) else _apps_from(name, raw)
     if name == "channel_rates":
         return _channel_rates_from(name, raw)
+    if name == "webhook_secrets":
+        return _webhook_secrets_from(name, raw)
     if name == "projects":
         return _projects_from(name, raw)
     if isinstance(raw, Secret):

@@ -3,16 +3,23 @@
 ``POST /webhooks/sinch`` checks, in this order: body size (413), the three
 signature headers (401), the timestamp window (401), the signature, as the
 official SDKs compute it: base64 HMAC-SHA256 of ``body.nonce.timestamp`` with
-the webhook secret, compared in constant time, the current or the previous
-secret during a rotation (401), a JSON object body (400), and a nonce already
-seen within the window (401, replay). A verified callback is published to the
-events topic, keyed by app_id, body unchanged, with the trigger, message_id and
-correlation_id in headers; the answer is 200 only once Kafka acknowledged it
-(503 otherwise, so Sinch retries). A nonce is held while its event is being
-published and kept only if that succeeded, so a retry of a 503 is accepted and
-a concurrent copy is not. A publish that Kafka has not acknowledged within
-``publish_timeout_s`` answers 503 even if the record lands later: Sinch then
-sends the callback again (at-least-once).
+the webhook secret, compared in constant time (401), a JSON object body (400),
+and a nonce already seen within the window (401, replay).
+
+Secrets: a Sinch app has up to 5 webhooks, each with its own secret. The
+callback's ``app_id`` (in its body) selects the secrets of that app
+(``webhook_secrets``), tried first; ``webhook_secret`` and
+``webhook_secret_previous`` (a rotation) are tried for every callback after
+them. A secret of another app never verifies a callback. No secret is logged.
+
+A verified callback is published to the events topic, keyed by app_id, body
+unchanged, with the trigger, message_id and correlation_id in headers; the
+answer is 200 only once Kafka acknowledged it (503 otherwise, so Sinch retries).
+A nonce is held while its event is being published and kept only if that
+succeeded, so a retry of a 503 is accepted and a concurrent copy is not. A
+publish that Kafka has not acknowledged within ``publish_timeout_s`` answers 503
+even if the record lands later: Sinch then sends the callback again
+(at-least-once).
 
 Delivery reports are also turned into records of the status topic keyed by the
 gateway's ``request_id``: the message_id → request_id map is filled when a send
@@ -20,6 +27,11 @@ is accepted, and the report's ``correlation_id`` (which the gateway sets to the
 request_id when the producer left it empty) covers what the map does not hold:
 a report that overtook the send's answer, one received by another replica, or
 one older than ``status_map_ttl_s``. ``matched_by`` in the record says which.
+A correlation_id that is a digest (``gw:<hex>``, for a request_id longer than
+Sinch's 128 characters) names no request: when the map misses, the record has
+``request_id: null``, is keyed by its message_id (the results topic has it) with
+``matched_by: "none"``, and the callback counts as ``unmatched`` in
+``gateway_webhook_events_total``.
 Reports are published in the order they arrive; ``event_time`` orders them.
 """
 
@@ -30,6 +42,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -39,6 +52,7 @@ import orjson
 from aiohttp import web
 from aiokafka.errors import KafkaError
 
+from gateway.envelope import DIGEST_PREFIX
 from gateway.settings import Secret, Settings
 
 if TYPE_CHECKING:
@@ -85,6 +99,8 @@ DELIVERY_STATUSES: Final = frozenset(
 _MAX_NONCE: Final = 256
 _MAX_TIMESTAMP: Final = 12
 _OK: Final = b'{"status":"ok"}'
+# correlation ids the gateway made from a request_id too long for Sinch (envelope)
+_DIGEST: Final = re.compile(re.escape(DIGEST_PREFIX) + "[0-9a-f]+")
 
 
 def sign(secret: str, body: bytes, nonce: str, timestamp: str) -> str:
@@ -162,11 +178,15 @@ class WebhookReceiver:
         self._max_age = settings.webhook_max_age_s
         self._limit = settings.webhook_max_body_bytes
         self._publish_timeout = publish_timeout_s
-        self._secrets = [
+        self._secrets = tuple(
             s.reveal().encode()
             for s in (settings.webhook_secret, settings.webhook_secret_previous)
             if isinstance(s, Secret) and s
-        ]
+        )
+        self._app_secrets = {
+            app_id: tuple(s.reveal().encode() for s in secrets) + self._secrets
+            for app_id, secrets in settings.webhook_secrets.items()
+        }
         # A timestamp is accepted up to max_age after it, and it can arrive up
         # to max_age before it: a nonce must be remembered that long after receipt.
         # Past webhook_nonce_cache_size the oldest go first (memory stays bounded).
@@ -191,8 +211,8 @@ class WebhookReceiver:
             self._counters[trigger, result] = counter
         counter.inc()
 
-    def _verify(self, body: bytes, headers: Mapping[str, str]) -> str | None:
-        """None if the signature checks out, else why not."""
+    def _check_headers(self, headers: Mapping[str, str]) -> str | None:
+        """None if the signature headers are usable and on time, else why not."""
         signature = headers.get(SIGNATURE)
         nonce = headers.get(NONCE)
         timestamp = headers.get(TIMESTAMP)
@@ -204,17 +224,22 @@ class WebhookReceiver:
             return "timestamp outside the accepted window"
         if len(nonce) > _MAX_NONCE:
             return "bad nonce"
+        return None
+
+    def _signed(self, body: bytes, headers: Mapping[str, str], app_id: str) -> bool:
+        """True if one of the secrets of ``app_id`` (then the global ones) signed it."""
         # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives
         # back the bytes that were signed, whatever they were.
+        nonce, timestamp = headers[NONCE], headers[TIMESTAMP]
         signed = b"".join(
             (body, b".", nonce.encode("utf-8", "surrogateescape"), b".", timestamp.encode())
         )
-        given = signature.encode("utf-8", "surrogateescape")
-        for secret in self._secrets:
+        given = headers[SIGNATURE].encode("utf-8", "surrogateescape")
+        for secret in self._app_secrets.get(app_id, self._secrets):
             expected = base64.b64encode(hmac.digest(secret, signed, "sha256"))
             if hmac.compare_digest(expected, given):
-                return None
-        return "bad signature"
+                return True
+        return False
 
     async def _read(self, request: web.Request) -> bytes | None:
         """The body, or None when it is longer than the limit."""
@@ -240,21 +265,27 @@ class WebhookReceiver:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def handle(self, request: web.Request) -> web.Response:
-        if not self._secrets:
+        if not self._secrets and not self._app_secrets:
             self._count("unknown", "disabled")
             return _error(503, "webhook secret not configured")
         body = await self._read(request)
         if body is None:
             self._count("unknown", "too_large")
             return _error(413, "body too large")
-        problem = self._verify(body, request.headers)
+        problem = self._check_headers(request.headers)
         if problem is not None:
             self._count("unknown", "unauthorized")
             return _error(401, problem)
+        # The app is named in the body: parsed (at most webhook_max_body_bytes) before
+        # the signature is checked, trusted only once it is.
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             doc = None
+        app_id = _text(doc.get("app_id")) if isinstance(doc, dict) else ""
+        if not self._signed(body, request.headers, app_id):
+            self._count("unknown", "unauthorized")
+            return _error(401, "bad signature")
         if not isinstance(doc, dict):
             self._count("unknown", "bad_request")
             return _error(400, "body is not a JSON object")
@@ -270,19 +301,20 @@ class WebhookReceiver:
         self._nonces.put(nonce, "")
         try:
             async with asyncio.timeout(self._publish_timeout):
-                await self._publish(publisher, doc, body, field, trigger)
+                result = await self._publish(publisher, doc, body, field, trigger)
         except (KafkaError, OSError, TimeoutError, RuntimeError) as exc:
             # RuntimeError: the publisher was stopped (shutdown) under us.
             self._nonces.discard(nonce)
             self._count(trigger, "kafka_error")
             log.warning("webhook event not published (%s): answering 503", type(exc).__name__)
             return _error(503, "event not stored; retry later")
-        self._count(trigger, "published")
+        self._count(trigger, result)
         return web.Response(body=_OK, content_type="application/json")
 
     async def _publish(
         self, publisher: Publisher, doc: dict[str, Any], body: bytes, field: str, trigger: str
-    ) -> None:
+    ) -> str:
+        """Publish the event (and the report's status record); the result to count."""
         s = self._s
         app_id = _text(doc.get("app_id"))
         content = doc.get(field) if field else None
@@ -299,13 +331,16 @@ class WebhookReceiver:
         futures = [await publisher.send(s.events_topic, body, key=key, headers=headers)]
         status = content.get("status")
         is_report = trigger == "MESSAGE_DELIVERY" and isinstance(status, str)
+        result = "published"
         if is_report and status in DELIVERY_STATUSES:
             record = self._status_record(doc, content, app_id, message_id, correlation, str(status))
             if record is not None:
-                request_id, value = record
-                futures.append(await publisher.send(s.status_topic, value, key=request_id.encode()))
+                status_key, value, matched = record
+                futures.append(await publisher.send(s.status_topic, value, key=status_key.encode()))
+                result = "published" if matched else "unmatched"
         for fut in futures:
             await fut
+        return result
 
     def _status_record(
         self,
@@ -315,13 +350,19 @@ class WebhookReceiver:
         message_id: str,
         correlation: str,
         status: str,
-    ) -> tuple[str, bytes] | None:
+    ) -> tuple[str, bytes, bool] | None:
+        """(key, value, whether it names its request) of the status record, if any."""
         request_id = self._sent.get(message_id) if message_id else None
         matched_by = "message_id"
         if request_id is None:
             if not correlation:
                 return None
-            request_id, matched_by = correlation, "correlation_id"
+            if _DIGEST.fullmatch(correlation):
+                if not message_id:
+                    return None
+                matched_by = "none"
+            else:
+                request_id, matched_by = correlation, "correlation_id"
         identity = report.get("channel_identity")
         reason = report.get("reason")
         value = orjson.dumps(
@@ -336,4 +377,4 @@ class WebhookReceiver:
                 "matched_by": matched_by,
             }
         )
-        return request_id, value
+        return request_id or message_id, value, request_id is not None

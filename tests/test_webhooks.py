@@ -30,9 +30,11 @@ from sinch.domains.conversation.sinch_events.v1.conversation_sinch_event import 
 
 from gateway.broker import EmbeddedBroker
 from gateway.demo import read_records
+from gateway.envelope import DIGEST_PREFIX, correlation_for
+from gateway.errors import ConfigError
 from gateway.metrics import Metrics
 from gateway.producer import Publisher, ensure_topics
-from gateway.settings import Settings, load
+from gateway.settings import Secret, Settings, load
 from gateway.simulator import callbacks as sim_callbacks
 from gateway.webhooks import NONCE, SIGNATURE, TIMESTAMP, BoundedTtlMap, WebhookReceiver, sign
 from tests.conftest import wait_for
@@ -134,13 +136,19 @@ MakeEnv = Callable[..., Awaitable[Env]]
 async def make_env(broker: EmbeddedBroker, aiohttp_client: Any) -> AsyncIterator[MakeEnv]:
     publishers: list[Publisher] = []
 
-    async def make(*, clock: Callable[[], float] = time.time, **kw: Any) -> Env:
+    async def make(
+        *,
+        clock: Callable[[], float] = time.time,
+        registry: CollectorRegistry | None = None,
+        **kw: Any,
+    ) -> Env:
         settings = settings_for(broker.bootstrap, **kw)
         await ensure_topics(settings)
         publisher = Publisher(settings)
         await publisher.start()
         publishers.append(publisher)
-        receiver = WebhookReceiver(settings, Metrics(CollectorRegistry()), clock=clock)
+        metrics = Metrics(registry or CollectorRegistry())
+        receiver = WebhookReceiver(settings, metrics, clock=clock)
         counting = CountingPublisher(publisher)
         receiver.attach(counting)  # type: ignore[arg-type]
         app = web.Application()
@@ -229,6 +237,148 @@ async def test_previous_secret_accepted_during_rotation(make_env: MakeEnv) -> No
     assert (await post(client, body, signed(body, secret=PREVIOUS)))[0] == 200
     assert (await post(client, body, signed(body, secret="s3cret-older")))[0] == 401
     assert len(pub.sent) == 2
+
+
+# -- secrets per app --------------------------------------------------------------
+
+APP_1_A, APP_1_B, APP_2 = "app-1-webhook-a", "app-1-webhook-b", "app-2-webhook"
+
+
+def event_of(app_id: str, i: int = 0) -> bytes:
+    return orjson.dumps({"app_id": app_id, "message": {"id": f"in-{app_id}-{i}"}})
+
+
+def events_counted(registry: CollectorRegistry, trigger: str, result: str) -> float:
+    value = registry.get_sample_value(
+        "gateway_webhook_events_total", {"trigger": trigger, "result": result}
+    )
+    return value or 0.0
+
+
+async def test_each_app_is_verified_with_its_own_secrets_then_the_global_ones(
+    make_env: MakeEnv, broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    registry = CollectorRegistry()
+    client, _, pub, settings = await make_env(
+        registry=registry,
+        webhook_secret_previous=PREVIOUS,
+        # app-1 has two webhooks (or one in rotation), app-2 one
+        webhook_secrets={"app-1": [APP_1_A, APP_1_B], "app-2": APP_2},
+    )
+    cases = [
+        # (app, secret, expected)
+        ("app-1", APP_1_A, 200),
+        ("app-1", APP_1_B, 200),  # the second webhook / the secret being rotated in
+        ("app-1", APP_2, 401),  # another app's secret
+        ("app-1", "app-1-webhook-c", 401),  # a secret nobody configured
+        ("app-2", APP_2, 200),
+        ("app-2", APP_1_A, 401),
+        ("app-2", APP_1_B, 401),
+        ("app-3", SECRET, 200),  # no secrets of its own: the global ones
+        ("app-3", PREVIOUS, 200),
+        ("app-3", APP_1_A, 401),
+        ("app-3", APP_2, 401),
+        ("app-1", SECRET, 200),  # the global ones remain the fallback for every app
+        ("", SECRET, 200),  # a callback without app_id (contact notifications)
+        ("", APP_1_A, 401),
+    ]
+    accepted = []
+    for i, (app_id, secret, expected) in enumerate(cases):
+        body = event_of(app_id, i)
+        status, answer = await post(client, body, signed(body, secret=secret))
+        assert status == expected, (app_id, secret)
+        if status == 200:
+            accepted.append(body)
+        else:
+            assert answer["error"]["message"] == "bad signature"
+    # an app named in the body cannot borrow another app's secret by lying about itself:
+    # the signature covers the body, app_id included
+    body = event_of("app-2")
+    headers = signed(body, secret=APP_2)
+    status, _ = await post(client, event_of("app-1"), headers)
+    assert status == 401
+    events = await read_records(broker.bootstrap, settings.events_topic, len(accepted), 10)
+    assert [e.value for e in events] == accepted
+    assert len(pub.sent) == len(accepted)
+    assert events_counted(registry, "unknown", "unauthorized") == len(cases) - len(accepted) + 1
+    for secret in (SECRET, PREVIOUS, APP_1_A, APP_1_B, APP_2):
+        assert secret not in caplog.text
+        assert secret not in repr(settings)
+        assert secret not in str(settings.webhook_secrets)
+
+
+async def test_per_app_secrets_alone_enable_the_webhook(make_env: MakeEnv) -> None:
+    client, _, pub, _ = await make_env(webhook_secret=None, webhook_secrets={"app-1": APP_1_A})
+    body = event_of("app-1")
+    assert (await post(client, body, signed(body, secret=APP_1_A)))[0] == 200
+    # an app without secrets has none to match: 401, not 503 (the webhook is on)
+    body = event_of("app-2")
+    assert (await post(client, body, signed(body, secret=APP_1_A)))[0] == 401
+    assert (await post(client, body, signed(body, secret=SECRET)))[0] == 401
+    # a body that is not JSON names no app: only global secrets, and there are none
+    assert (await post(client, b"[1]", signed(b"[1]", secret=APP_1_A)))[0] == 401
+    assert len(pub.sent) == 1
+
+
+def test_webhook_secrets_from_toml_and_from_a_kubernetes_secret_file(tmp_path: Path) -> None:
+    toml = tmp_path / "gateway.toml"
+    toml.write_text(
+        f'[webhook_secrets]\n"app-1" = ["{APP_1_A}", "{APP_1_B}"]\n"app-2" = "{APP_2}"\n'
+    )
+    settings = load(toml, env={})
+    assert {a: [s.reveal() for s in v] for a, v in settings.webhook_secrets.items()} == {
+        "app-1": [APP_1_A, APP_1_B],
+        "app-2": [APP_2],
+    }
+    # a mounted secret: one app_id=secret a line; a secret may hold "=" and ","
+    mounted = tmp_path / "webhook-secrets"
+    mounted.write_text(
+        f"# rotated 2026-12-01\napp-1={APP_1_A}\n\n app-1 = {APP_1_B} \napp-2=a=b,c\n"
+    )
+    env = {"GATEWAY_WEBHOOK_SECRETS_FILE": str(mounted)}
+    from_file = load(toml, env=env)  # the variable overrides the file's table
+    assert {a: [s.reveal() for s in v] for a, v in from_file.webhook_secrets.items()} == {
+        "app-1": [APP_1_A, APP_1_B],
+        "app-2": ["a=b,c"],
+    }
+    assert load(env={"GATEWAY_WEBHOOK_SECRETS": f"app-9={APP_2}"}).webhook_secrets == {
+        "app-9": (Secret(APP_2),)
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("app-1=\n", "webhook_secrets.app-1"),
+        (f"{APP_1_A}\n", "<line 1>"),
+        (f"app-1={APP_1_A}\n={APP_2}\n", "<line 2>"),
+    ],
+)
+def test_a_bad_secrets_file_names_the_key_never_a_secret(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    mounted = tmp_path / "webhook-secrets"
+    mounted.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(env={"GATEWAY_WEBHOOK_SECRETS_FILE": str(mounted)})
+    message = str(err.value)
+    assert "GATEWAY_WEBHOOK_SECRETS" in message
+    assert named in message
+    assert APP_1_A not in message
+    assert APP_2 not in message
+
+
+def test_a_bad_secrets_table_names_the_app_never_a_secret(tmp_path: Path) -> None:
+    toml = tmp_path / "gateway.toml"
+    toml.write_text(f'[webhook_secrets]\n"app-1" = ["{APP_1_A}", 7]\n')
+    with pytest.raises(ConfigError, match=r"webhook_secrets\.app-1") as err:
+        load(toml, env={})
+    assert APP_1_A not in str(err.value)
+    toml.write_text(f'webhook_secrets = "{APP_1_A}"\n')
+    with pytest.raises(ConfigError, match="webhook_secrets") as err:
+        load(toml, env={})
+    assert APP_1_A not in str(err.value)
 
 
 # -- rejections -------------------------------------------------------------------
@@ -481,6 +631,41 @@ async def test_events_keyed_by_app_with_headers_and_reports_on_the_status_topic(
     assert docs[0]["event_time"] > docs[1]["event_time"]
     assert docs[0]["channel"] == "SMS"
     assert [t for t, *_ in pub.sent].count(settings.status_topic) == 3
+
+
+async def test_a_digest_correlation_id_is_never_taken_for_a_request_id(
+    make_env: MakeEnv, broker: EmbeddedBroker
+) -> None:
+    registry = CollectorRegistry()
+    client, receiver, _, settings = await make_env(registry=registry)
+    long_id = "r" * 200
+    digest = correlation_for(long_id, None)
+    assert digest.startswith(DIGEST_PREFIX)
+    receiver.record_sent(long_id, "msg-known")
+    bodies = [
+        # the map knows the message: the long request_id itself
+        report("msg-known", "DELIVERED", correlation_id=digest),
+        # the map misses (another replica sent it): no request_id, keyed by message_id
+        report("msg-other", "DELIVERED", correlation_id=digest),
+        # a digest and no message_id: nothing to key it by
+        report("", "FAILED", correlation_id=digest),
+        # a producer's own correlation id that merely starts like one is still used
+        report("msg-own", "READ", correlation_id="gw:not-hex"),
+    ]
+    for body in bodies:
+        assert (await post(client, body, signed(body)))[0] == 200
+    statuses = await read_records(broker.bootstrap, settings.status_topic, 3, timeout_s=10)
+    docs = [orjson.loads(s.value) for s in statuses]
+    assert [s.key for s in statuses] == [long_id.encode(), b"msg-other", b"gw:not-hex"]
+    assert [(d["request_id"], d["message_id"], d["matched_by"]) for d in docs] == [
+        (long_id, "msg-known", "message_id"),
+        (None, "msg-other", "none"),
+        ("gw:not-hex", "msg-own", "correlation_id"),
+    ]
+    assert events_counted(registry, "MESSAGE_DELIVERY", "unmatched") == 1
+    assert events_counted(registry, "MESSAGE_DELIVERY", "published") == 3
+    events = await read_records(broker.bootstrap, settings.events_topic, 4, timeout_s=10)
+    assert [e.value for e in events] == bodies
 
 
 # -- random input -----------------------------------------------------------------
