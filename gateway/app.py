@@ -316,7 +316,12 @@ class Gateway:
             on_hold=self._on_hold,
             on_sent=receiver.record_sent,
         )
-        lanes = self._make_lanes(delivery, rates, lambda req: intake_ref[0].hand_back(req))
+        lanes = self._make_lanes(
+            delivery,
+            rates,
+            hand_back=lambda req: intake_ref[0].hand_back(req),
+            sending=lambda: intake_ref[0].sending(),
+        )
         lanes_ref.append(lanes)
         adaptive = AdaptiveRates(lanes.project_bucket, clock)
         delivery.feedback = adaptive
@@ -461,7 +466,12 @@ class Gateway:
             await intake.commit()
 
     def _make_lanes(
-        self, delivery: Delivery, rates: AppRates, hand_back: Callable[[Request], None]
+        self,
+        delivery: Delivery,
+        rates: AppRates,
+        *,
+        hand_back: Callable[[Request], None],
+        sending: Callable[[], None],
     ) -> Lanes:
         s = self.settings
         m = self.metrics
@@ -509,6 +519,7 @@ class Gateway:
             return req.expire_at is not None and req.expire_at <= time.time()
 
         async def send(req: Request, lane: Lane) -> None:
+            sending()
             with logs.context(request_id=req.request_id, app_id=req.app_id):
                 await delivery.attempt(req, lane)
 

@@ -107,6 +107,7 @@ class Intake:
         self.connected = False
         self._stopping = asyncio.Event()
         self._commit_lock = asyncio.Lock()
+        self.assigned_at: float | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -428,6 +429,12 @@ class Intake:
         if req is not None:
             self.in_progress.discard(req.request_id)
 
+    def sending(self) -> None:
+        """A send starts: the first after an assignment is timed."""
+        at, self.assigned_at = self.assigned_at, None
+        if at is not None:
+            self._m.first_send_after_assign.observe(self._clock() - at)
+
     def hand_back(self, req: Request) -> None:
         """A request of a revoked partition leaves without an ending: the next owner sends it."""
         self.in_progress.discard(req.request_id)
@@ -553,6 +560,9 @@ class Intake:
             self._spill_paused.discard(tp)
             self._forget_gauges(tp)
         self.spill.revoked(tp.partition for tp in parts if tp.topic == self._s.spill_topic)
+        self._m.rebalances.labels("revoked").inc()
+        self._m.handed_back.inc(dropped)
+        self._m.revoke_duration.observe(self._clock() - started)
         log.info("partitions %s revoked (%d queued records handed back)", _names(parts), dropped)
         self.assigned = bool(self.trackers)
         self._share()
@@ -603,6 +613,9 @@ class Intake:
                 self.spill.read_on(tp.partition)  # what waits there is not known yet
         self.assigned = any(tp.topic == self._s.requests_topic for tp in self.trackers)
         self.joined = True
+        self._m.rebalances.labels("assigned").inc()
+        if any(tp.topic == self._s.requests_topic for tp in assigned):
+            self.assigned_at = now  # the next send tells how long a new owner takes
         self._spill_paused.clear()  # aiokafka resumes every partition it assigns
         if self.paused:
             self._pause(True)  # the budget still holds

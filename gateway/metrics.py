@@ -96,6 +96,8 @@ class Metrics:
         for result in ("success", "failure"):
             self.token_refreshes.labels(result)
             self.commits.labels(result)
+        for event in ("revoked", "assigned"):
+            self.rebalances.labels(event)
         for scope in ("auth", "project", "app"):
             self.sending_paused.labels(scope)
 
@@ -258,6 +260,29 @@ class Metrics:
         )
         self.commits = Counter(
             "gateway_offset_commits", "Offset commits, by result.", ["result"], registry=r
+        )
+        self.rebalances = Counter(
+            "gateway_rebalances",
+            "Partitions revoked from or assigned to this replica, by event (revoked, assigned).",
+            ["event"],
+            registry=r,
+        )
+        self.revoke_duration = Histogram(
+            "gateway_revoke_duration_seconds",
+            "Time a revocation took: hand back, let sends and writes end, commit.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.handed_back = Counter(
+            "gateway_revoke_handed_back_records",
+            "Records lanes held for revoked partitions, handed back to the next owner unsent.",
+            registry=r,
+        )
+        self.first_send_after_assign = Histogram(
+            "gateway_assignment_to_first_send_seconds",
+            "From an assignment of requests partitions to the first send after it.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.commit_stalled = Gauge(
             "gateway_partition_commit_stalled_seconds",
