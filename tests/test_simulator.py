@@ -22,7 +22,7 @@ from gateway.simulator import cli
 from gateway.simulator.callbacks import Stamper, sign
 from gateway.simulator.ingress import IngressQueue
 from gateway.simulator.server import SIMULATOR_KEY, make_app
-from gateway.simulator.settings import SimulatorSettings, patch
+from gateway.simulator.settings import ProjectSpec, SimulatorSettings, patch
 from gateway.simulator.windows import LeakyQueue, SlidingWindow
 
 Client = TestClient[web.Request, web.Application]
@@ -1117,3 +1117,151 @@ async def test_delivery_reports_wait_for_the_ingress_queue(
         ("s-2", "QUEUED_ON_CHANNEL"),
     ]
     assert await queued(client, "slow") == 0
+
+
+# -- several projects ----------------------------------------------------------------
+
+KEY_B = encode_basic_auth("key-b", "secret-b")
+PROJECT_B = {"proj-b": {"key_id": "key-b", "key_secret": "secret-b", "rate": 2}}
+SEND_B = "/us/v1/projects/proj-b/messages:send"
+APP_B = "/us/v1/projects/proj-b/apps/"
+
+
+async def get_token_for(client: Client, basic: str) -> str:
+    resp = await client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials"}, headers={"Authorization": basic}
+    )
+    assert resp.status == 200
+    return str((await resp.json())["access_token"])
+
+
+def test_projects_settings_take_specs_or_mappings_and_name_bad_fields() -> None:
+    settings = SimulatorSettings(projects=PROJECT_B)
+    assert settings.projects == {
+        "proj-b": ProjectSpec(key_id="key-b", key_secret="secret-b", rate=2)
+    }
+    assert settings.project_ids() == ["demo-project", "proj-b"]
+    assert settings.project_limit("proj-b") == 2
+    assert settings.project_limit("demo-project") == settings.project_rate
+    spec = ProjectSpec(key_id="k", key_secret="s")
+    assert SimulatorSettings(projects={"p": spec}).projects["p"] is spec
+    bad = [
+        ({"p": {"key_id": "k", "key_secret": "s", "rate": 0}}, "projects['p'].rate"),
+        ({"p": {"key_id": "", "key_secret": "s"}}, "projects['p'].key_id"),
+        ({"p": {"key_id": "k", "key_secret": "s", "burst": 1}}, "projects['p'].burst"),
+        ({"p": {"key_id": "k"}}, "projects['p']"),
+        ({"p": "k:s"}, "projects['p']"),
+        ({"demo-project": {"key_id": "k", "key_secret": "s"}}, "projects['demo-project']"),
+        ({"p": {"key_id": "demo-key", "key_secret": "s"}}, "projects"),
+    ]
+    for projects, field in bad:
+        with pytest.raises(ValueError, match=re.escape(field)):
+            SimulatorSettings(projects=projects)
+    # Secrets never appear in the messages.
+    with pytest.raises(ValueError, match="rate") as caught:
+        SimulatorSettings(projects={"p": {"key_id": "k", "key_secret": "hush", "rate": -1}})
+    assert "hush" not in str(caught.value)
+
+
+async def test_a_key_and_its_tokens_serve_only_their_own_project(sim: SimFactory) -> None:
+    client = await sim(projects={"proj-b": {**PROJECT_B["proj-b"], "rate": 50}})
+    token_a, token_b = await get_token(client), await get_token_for(client, KEY_B)
+    assert (await send(client, token_b, path=SEND_B))[0] == 200
+    assert (await send(client, token_a))[0] == 200
+    for token, path in ((token_a, SEND_B), (token_b, SEND)):
+        status, data, _ = await send(client, token, path=path)
+        assert status == 403
+        assert_error(data, 403, "PERMISSION_DENIED")
+        assert data["error"]["message"] == "The key does not belong to this project."
+    resp = await client.post(SEND, json=body(), headers={"Authorization": KEY_B})
+    assert resp.status == 403
+    resp = await client.post(SEND_B, json=body(), headers={"Authorization": KEY_B})
+    assert resp.status == 200
+    status, _, _ = await send(client, token_b, path="/us/v1/projects/ghost/messages:send")
+    assert status == 404
+    wrong = encode_basic_auth("key-b", "demo-secret")  # a key with another key's secret
+    resp = await client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials"}, headers={"Authorization": wrong}
+    )
+    assert resp.status == 401
+    # App reads: the same rule.
+    assert (await get_app(client, "app-1", token=token_b, path=APP_B))[0] == 200
+    status, data = await get_app(client, "app-1", token=token_b)
+    assert (status, data["error"]["status"]) == (403, "PERMISSION_DENIED")
+    assert (await get_app(client, "app-1", token=token_a, path=APP_B))[0] == 403
+    counters = await stats(client)
+    assert counters["accepted_by_project"] == {"demo-project": 1, "proj-b": 2}
+    assert counters["forbidden_403"] == 3
+
+
+async def test_each_project_has_its_own_window_at_its_own_rate(sim: SimFactory) -> None:
+    client = await sim(project_rate=3, app_rate=100.0, strict=True, projects=PROJECT_B)
+    token_a, token_b = await get_token(client), await get_token_for(client, KEY_B)
+    statuses_b = [(await send(client, token_b, path=SEND_B, app_id="b1"))[0] for _ in range(4)]
+    assert statuses_b == [200, 200, 429, 429]
+    # Project B is full; the default project's window is untouched.
+    statuses_a = [(await send(client, token_a, app_id="a1"))[0] for _ in range(4)]
+    assert statuses_a == [200, 200, 200, 429]
+    status, data, headers = await send(client, token_b, path=SEND_B, app_id="b2")
+    assert status == 429
+    assert data["error"]["message"] == "Project rate limit exceeded."
+    assert headers["Retry-After"] == "1"
+    # An app read of B counts toward B's cap only.
+    assert (await get_app(client, "b1", token=token_b, path=APP_B))[0] == 429
+    counters = await stats(client)
+    assert counters["accepted_by_project"] == {"demo-project": 3, "proj-b": 2}
+    assert counters["rejected_429_by_project"] == {"demo-project": 1, "proj-b": 3}
+    assert counters["rejected_429"]["project"] == 4
+    assert counters["max_accepted_per_s"]["by_project"] == {"demo-project": 3, "proj-b": 2}
+    assert counters["max_accepted_per_s"]["project"] == 3
+    assert counters["max_received_per_s"]["by_project"] == {"demo-project": 4, "proj-b": 5}
+    log = await (await client.get("/_sim/accepted")).json()
+    assert [(e["project_id"], e["app_id"]) for e in log] == [
+        ("proj-b", "b1"),
+        ("proj-b", "b1"),
+        ("demo-project", "a1"),
+        ("demo-project", "a1"),
+        ("demo-project", "a1"),
+    ]
+    await client.post("/_sim/reset")
+    counters = await stats(client)
+    assert counters["accepted_by_project"] == {"demo-project": 0, "proj-b": 0}
+    assert counters["max_accepted_per_s"]["by_project"] == {"demo-project": 0, "proj-b": 0}
+
+
+async def test_basic_auth_limit_is_per_project(sim: SimFactory) -> None:
+    client = await sim(basic_auth_rate=1, projects=PROJECT_B)
+    for path, key in ((SEND, BASIC), (SEND_B, KEY_B)):
+        resp = await client.post(path, json=body(), headers={"Authorization": key})
+        assert resp.status == 200
+    resp = await client.post(SEND_B, json=body(), headers={"Authorization": KEY_B})
+    assert resp.status == 429
+    assert (await resp.json())["error"]["message"].startswith("Basic authentication")
+
+
+async def test_expire_tokens_covers_every_project(sim: SimFactory) -> None:
+    client = await sim(projects=PROJECT_B)
+    token_b = await get_token_for(client, KEY_B)
+    await client.post("/_sim/expire-tokens")
+    status, _, headers = await send(client, token_b, path=SEND_B)
+    assert status == 401
+    assert "expired" in headers["www-authenticate"]
+    assert (await send(client, await get_token_for(client, KEY_B), path=SEND_B))[0] == 200
+
+
+def test_cli_projects_flag() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    ns = parser.parse_args(["--projects", "proj-b:key-b:sec:ret:50, proj-c:key-c:s:7.5"])
+    settings = cli.settings_from_args(ns)
+    assert settings.projects == {
+        "proj-b": ProjectSpec(key_id="key-b", key_secret="sec:ret", rate=50),
+        "proj-c": ProjectSpec(key_id="key-c", key_secret="s", rate=7.5),
+    }
+    for text, match in (
+        ("proj-b:key-b:50", "PROJECT_ID:KEY_ID:KEY_SECRET:RATE"),
+        ("proj-b:key-b:s:fast", "rate of 'proj-b'"),
+        ("proj-b:key-b:s:0", "'proj-b': rate"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            cli.settings_from_args(parser.parse_args(["--projects", text]))

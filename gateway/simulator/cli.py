@@ -14,7 +14,13 @@ from typing import Any
 from aiohttp import web
 
 from gateway.simulator.server import make_app
-from gateway.simulator.settings import PROCESSING_MODES, REGIONS, Region, SimulatorSettings
+from gateway.simulator.settings import (
+    PROCESSING_MODES,
+    REGIONS,
+    ProjectSpec,
+    Region,
+    SimulatorSettings,
+)
 
 _FLOATS = (
     ("token-lifetime-s", "seconds an OAuth token lives"),
@@ -39,7 +45,7 @@ _INTS = (
 )
 _STRINGS = (
     ("host", "address to bind"),
-    ("project-id", "the one project that exists"),
+    ("project-id", "the default project"),
     ("key-id", "OAuth / Basic key id"),
     ("key-secret", "OAuth / Basic key secret"),
     ("callback-url", "webhook that receives delivery reports and inbound messages"),
@@ -83,6 +89,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--processing-modes", default=None, help="per-app modes, e.g. app1:CONVERSATION"
     )
     parser.add_argument("--default-region", choices=sorted(REGIONS), default=None)
+    parser.add_argument(
+        "--projects",
+        default=None,
+        help="more projects, each with its own key and cap: "
+        "PROJECT_ID:KEY_ID:KEY_SECRET:RATE[,...] (default: none)",
+    )
+
+
+def _projects(text: str) -> dict[str, ProjectSpec]:
+    projects: dict[str, ProjectSpec] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = item.split(":", 2)
+        secret, _, rate = parts[-1].rpartition(":")
+        if len(parts) != 3 or not secret:
+            raise ValueError("--projects: expected PROJECT_ID:KEY_ID:KEY_SECRET:RATE[,...]")
+        try:
+            number = float(rate)
+        except ValueError:
+            raise ValueError(f"--projects: rate of {parts[0]!r} must be a number") from None
+        try:
+            projects[parts[0]] = ProjectSpec(key_id=parts[1], key_secret=secret, rate=number)
+        except ValueError as exc:
+            raise ValueError(f"--projects: {parts[0]!r}: {exc}") from None
+    return projects
 
 
 def _pairs(text: str, flag: str) -> list[tuple[str, str]]:
@@ -126,6 +156,8 @@ def settings_from_args(ns: argparse.Namespace) -> SimulatorSettings:
         values["processing_mode"] = ns.processing_mode
     if getattr(ns, "processing_modes", None):
         values["processing_modes"] = dict(_pairs(ns.processing_modes, "--processing-modes"))
+    if getattr(ns, "projects", None):
+        values["projects"] = _projects(ns.projects)
     return SimulatorSettings(**values)
 
 

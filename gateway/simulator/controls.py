@@ -35,8 +35,14 @@ class Controls:
     async def accepted(self, request: web.Request) -> web.Response:
         return _json(
             [
-                {"message_id": m, "app_id": a, "correlation_id": c, "accepted_time": t}
-                for m, a, c, t in self.sim.accepted_log
+                {
+                    "message_id": m,
+                    "app_id": a,
+                    "correlation_id": c,
+                    "accepted_time": t,
+                    "project_id": p,
+                }
+                for m, a, c, t, p in self.sim.accepted_log
             ]
         )
 
@@ -70,9 +76,9 @@ class Controls:
     async def expire_tokens(self, request: web.Request) -> web.Response:
         now = asyncio.get_running_loop().time()
         tokens = self.sim.tokens
-        for token, expiry in tokens.items():
+        for token, (expiry, project_id) in tokens.items():
             if expiry > now:
-                tokens[token] = now
+                tokens[token] = (now, project_id)
         return _json({"expired": len(tokens)})
 
     async def reset(self, request: web.Request) -> web.Response:
@@ -106,7 +112,9 @@ def snapshot(sim: Simulator) -> dict[str, Any]:
 
     ``received_total`` counts sends that passed auth; ``max_received_per_s`` /
     ``max_accepted_per_s`` are the largest numbers of such / of accepted sends
-    inside any 1-second window, for the project and per app. ``invalid`` counts
+    inside any 1-second window, for the default project (``project``), per project
+    (``by_project``) and per app; ``accepted_by_project`` and
+    ``rejected_429_by_project`` count sends per project served. ``invalid`` counts
     sends refused with 400, by the top-level field of their first violation
     (``body`` for a malformed body, ``size`` for one over ``max_request_bytes``).
     ``duplicates``: ``total`` sends carried a ``correlation_id`` (else
@@ -118,13 +126,17 @@ def snapshot(sim: Simulator) -> dict[str, Any]:
     keeps the last ``accepted_log_size``).
     """
     apps = sim.apps
+    projects = sim.projects
+    main = projects[sim.settings.project_id]
     counts = sim.status_counts
     first, last = sim.first_send, sim.last_send
     return {
         "received_total": sim.received_total,
         "accepted_total": sim.accepted_total,
         "accepted_by_app": {a: s.accepted_total for a, s in apps.items() if s.accepted_total},
+        "accepted_by_project": {p: s.accepted_total for p, s in projects.items()},
         "rejected_429": {"total": counts.get(429, 0), **sim.rejected_429},
+        "rejected_429_by_project": {p: s.rejected_429 for p, s in projects.items()},
         "injected_5xx": {
             "total": counts.get(500, 0) + counts.get(503, 0),
             "500": counts.get(500, 0),
@@ -137,11 +149,13 @@ def snapshot(sim: Simulator) -> dict[str, Any]:
         "not_found_404": counts.get(404, 0),
         "token_requests": sim.token_requests,
         "max_received_per_s": {
-            "project": sim.project_received.peak,
+            "project": main.received.peak,
+            "by_project": {p: s.received.peak for p, s in projects.items()},
             "by_app": {a: s.received.peak for a, s in apps.items()},
         },
         "max_accepted_per_s": {
-            "project": sim.project_accepted.peak,
+            "project": main.accepted.peak,
+            "by_project": {p: s.accepted.peak for p, s in projects.items()},
             "by_app": {a: s.accepted.peak for a, s in apps.items()},
         },
         "duplicates": {

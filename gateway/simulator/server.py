@@ -2,14 +2,16 @@
 
 Routes (``make_app(settings)``):
 
-- ``POST /oauth2/token``: client-credentials grant with HTTP Basic key_id:key_secret.
+- ``POST /oauth2/token``: client-credentials grant with HTTP Basic key_id:key_secret;
+  the token is bound to the project of that key.
 - ``POST /v1/projects/{project_id}/messages:send`` (``default_region``) and
   ``POST /{region}/v1/projects/{project_id}/messages:send`` (us, eu, br). Point a
   client at ``http://HOST:PORT/{region}`` as its conversation base URL.
 - ``GET [/{region}]/v1/projects/{project_id}/apps/{app_id}``: the App resource
   (:mod:`gateway.simulator.apps`) with ``rate_limits`` and a live ``queue_stats``;
-  same auth as a send, 403 while ``project_forbidden``, 404 for another project or
-  an app that does not exist in that region, 429 over the project cap.
+  same auth as a send, 403 while ``project_forbidden`` or with another project's
+  key, 404 for a project not served or an app that does not exist in that region,
+  429 over the project cap.
 - ``GET /_sim/stats``, ``GET /_sim/accepted``, ``POST /_sim/config``,
   ``POST /_sim/hold``, ``POST /_sim/release``, ``POST /_sim/expire-tokens``,
   ``POST /_sim/reset``, ``POST /_sim/inbound``, ``GET /metrics``.
@@ -17,8 +19,9 @@ Routes (``make_app(settings)``):
 A send is checked in this order, the first failure answers:
 auth (401; an expired bearer token adds ``www-authenticate: Bearer
 error="invalid_token", error_description="expired"``, an unknown one ``Bearer
-error="invalid_token"``) → project id (404) → ``project_forbidden`` (403
-PERMISSION_DENIED) → body (400 with ``field_violations``: shape, ``ttl``,
+error="invalid_token"``) → project id (404 when not served) → the key's project
+(403 PERMISSION_DENIED for another project's key or token) → ``project_forbidden``
+(403 PERMISSION_DENIED) → body (400 with ``field_violations``: shape, ``ttl``,
 ``correlation_id``, ``queue``, size) → app exists in the region (404) → hold (the
 request waits, unanswered, until ``/_sim/release``; everything below is evaluated
 after the release) → project cap
@@ -26,8 +29,10 @@ after the release) → project cap
 full) → Basic-auth limit (429) → injected fault (500/503) → accepted (200, after
 ``latency_s`` plus up to ``latency_jitter_s``).
 
-Rate accounting uses ``loop.time()``. Limits count *accepted* sends (the project
-cap also counts answered app reads); the *received* windows (every send that
+Rate accounting uses ``loop.time()``. Every project served (``settings.projects``
+besides the default one) has its own project cap, Basic-auth limit and windows;
+apps are shared. Limits count *accepted* sends (the project cap also counts
+answered app reads); the *received* windows (every send that
 passed auth) only feed the statistics. In normal mode an accepted send enters its
 app's ingress queue (:mod:`gateway.simulator.ingress`) and its delivery reports
 start when it leaves; in strict mode they start at once.
@@ -90,6 +95,19 @@ class _AppState:
         self.label = label
 
 
+class _ProjectState:
+    __slots__ = ("accepted", "accepted_total", "basic", "calls", "received", "rejected_429")
+
+    def __init__(self) -> None:
+        self.received = SlidingWindow()
+        self.accepted = SlidingWindow()
+        # What the project cap counts: accepted sends and answered app reads.
+        self.calls = SlidingWindow()
+        self.basic = SlidingWindow()
+        self.accepted_total = 0
+        self.rejected_429 = 0
+
+
 class Simulator:
     """State and handlers of one simulator app (stored under :data:`SIMULATOR_KEY`)."""
 
@@ -100,7 +118,8 @@ class Simulator:
         self.callbacks = CallbackDispatcher(settings, self.rng, self.stamper)
         self.metrics = SimulatorMetrics(registry, self.callbacks.totals)
         self.departures = DeparturePump(lambda app_id: self.settings.drain_rate(app_id), self._left)
-        self.tokens: dict[str, float] = {}
+        # token -> (expiry on loop.time(), the project of the key it was issued for)
+        self.tokens: dict[str, tuple[float, str]] = {}
         self.token_requests = 0
         self.hold_all = False
         self.held_apps: set[str] = set()
@@ -110,18 +129,15 @@ class Simulator:
 
     def _reset_counters(self) -> None:
         self.apps: dict[str, _AppState] = {}
-        self.project_received = SlidingWindow()
-        self.project_accepted = SlidingWindow()
-        # What the project cap counts: accepted sends and answered app reads.
-        self.project_calls = SlidingWindow()
+        self.projects = {pid: _ProjectState() for pid in self.settings.project_ids()}
         self.invalid: dict[str, int] = {}
         self.app_reads = 0
-        self.basic_window = SlidingWindow()
         self.received_total = 0
         self.accepted_total = 0
         self.status_counts: dict[int, int] = {}
         self.rejected_429 = {"project": 0, "app": 0, "basic": 0}
-        self.accepted_log: deque[tuple[str, str, str | None, str]] = deque(
+        # (message_id, app_id, correlation id, accepted_time, project_id)
+        self.accepted_log: deque[tuple[str, str, str | None, str, str]] = deque(
             maxlen=self.settings.accepted_log_size
         )
         self.accepted_ids: set[str] = set()
@@ -175,28 +191,34 @@ class Simulator:
             endpoint, 429, "RESOURCE_EXHAUSTED", message, details=[hint], headers=retry
         )
 
-    def _basic_ok(self, header: str) -> bool:
+    def _basic_project(self, header: str) -> str | None:
+        """The project whose key the Basic ``header`` carries, else None."""
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic":
-            return False
+            return None
         try:
             decoded = base64.b64decode(encoded.strip(), validate=True)
         except binascii.Error:
-            return False
+            return None
         login, sep, password = decoded.partition(b":")
-        s = self.settings
-        return (
-            bool(sep)
-            & hmac.compare_digest(login, s.key_id.encode())
-            & hmac.compare_digest(password, s.key_secret.encode())
-        )
+        if not sep:
+            return None
+        found = None
+        for project_id, key_id, key_secret in self.settings.access_keys():
+            # every key is compared, so the time says nothing about which one matched
+            if hmac.compare_digest(login, key_id.encode()) & hmac.compare_digest(
+                password, key_secret.encode()
+            ):
+                found = project_id
+        return found
 
     # -- Sinch endpoints ---------------------------------------------------------
 
     async def token(self, request: web.Request) -> web.Response:
         self.token_requests += 1
         self.metrics.tokens += 1
-        if not self._basic_ok(request.headers.get("Authorization", "")):
+        project_id = self._basic_project(request.headers.get("Authorization", ""))
+        if project_id is None:
             return self._error("token", 401, "UNAUTHENTICATED", "Request had invalid credentials.")
         form = await request.post()
         if form.get("grant_type") != "client_credentials":
@@ -207,7 +229,7 @@ class Simulator:
         access_token = secrets.token_urlsafe(32)
         if len(self.tokens) >= MAX_TOKENS:
             del self.tokens[next(iter(self.tokens))]
-        self.tokens[access_token] = asyncio.get_running_loop().time() + lifetime
+        self.tokens[access_token] = (asyncio.get_running_loop().time() + lifetime, project_id)
         return self._answer(
             "token",
             200,
@@ -222,13 +244,16 @@ class Simulator:
     async def send(self, request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        basic = self._authenticate("send", request, now)
-        if isinstance(basic, web.Response):
-            return basic
-        self._count_received(now)
-        refused = self._project_refusal("send", request.match_info["project_id"])
+        auth = self._authenticate("send", request, now)
+        if isinstance(auth, web.Response):
+            return auth
+        basic, key_project = auth
+        project_id = request.match_info["project_id"]
+        self._count_received(now, project_id)
+        refused = self._project_refusal("send", project_id, key_project)
         if refused is not None:
             return refused
+        project = self.projects[project_id]
         body = await self._read_send(request)
         if isinstance(body, web.Response):
             return body
@@ -243,10 +268,15 @@ class Simulator:
             await self._wait_if_held(app_id)
             now = loop.time()
             app = self._app(app_id, now)  # a reset may have happened meanwhile
-        refused = self._admit(app_id, app, now, basic)
+            project = self.projects[project_id]
+        refused = self._admit(app_id, app, project_id, project, now, basic)
         if refused is not None:
+            if refused.status == 429:
+                project.rejected_429 += 1
             return refused
-        message_id, accepted_time = self._accept(app_id, app, now, basic, body, correlation)
+        message_id, accepted_time = self._accept(
+            app_id, app, project_id, project, now, basic, body, correlation
+        )
         settings = self.settings
         delay = settings.latency_s
         if settings.latency_jitter_s > 0.0:
@@ -258,22 +288,24 @@ class Simulator:
     async def get_app(self, request: web.Request) -> web.Response:
         """``GET .../apps/{app_id}``: the App resource with live ``queue_stats``."""
         now = asyncio.get_running_loop().time()
-        basic = self._authenticate("app", request, now)
-        if isinstance(basic, web.Response):
-            return basic
-        refused = self._project_refusal("app", request.match_info["project_id"])
+        auth = self._authenticate("app", request, now)
+        if isinstance(auth, web.Response):
+            return auth
+        project_id = request.match_info["project_id"]
+        refused = self._project_refusal("app", project_id, auth[1])
         if refused is not None:
             return refused
+        calls = self.projects[project_id].calls
         settings = self.settings
         app_id = request.match_info["app_id"]
         region = request.match_info.get("region", settings.default_region)
         if settings.region_of(app_id) != region:
             return self._error("app", 404, "NOT_FOUND", f"App {app_id} not found.")
-        cap = max(1, int(settings.project_rate))
-        if self.project_calls.count(now) >= cap:
-            wait = self.project_calls.wait_s(now, cap)
+        cap = max(1, int(settings.project_limit(project_id)))
+        if calls.count(now) >= cap:
+            wait = calls.wait_s(now, cap)
             return self._too_many("project", "Project rate limit exceeded.", wait, "app")
-        self.project_calls.add(now)
+        calls.add(now)
         self.app_reads += 1
         state = self.apps.get(app_id)
         waiting = 0
@@ -283,32 +315,43 @@ class Simulator:
 
     # -- steps of a send -----------------------------------------------------------
 
-    def _authenticate(self, endpoint: str, request: web.Request, now: float) -> bool | web.Response:
-        """True for Basic auth, False for a valid bearer token, else the 401 answer."""
+    def _authenticate(
+        self, endpoint: str, request: web.Request, now: float
+    ) -> tuple[bool, str] | web.Response:
+        """(Basic auth?, the key's project) for good credentials, else the 401 answer."""
         auth = request.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
-            expiry = self.tokens.get(auth[7:])
-            if expiry is None or expiry <= now:
-                message = "Request had invalid credentials." if expiry is None else "Token expired."
-                headers = _INVALID if expiry is None else _EXPIRED
+            issued = self.tokens.get(auth[7:])
+            if issued is None or issued[0] <= now:
+                message = "Request had invalid credentials." if issued is None else "Token expired."
+                headers = _INVALID if issued is None else _EXPIRED
                 return self._error(endpoint, 401, "UNAUTHENTICATED", message, headers=headers)
-            return False
-        if self._basic_ok(auth):
-            return True
+            return False, issued[1]
+        project_id = self._basic_project(auth)
+        if project_id is not None:
+            return True, project_id
         return self._error(endpoint, 401, "UNAUTHENTICATED", "Request had invalid credentials.")
 
-    def _count_received(self, now: float) -> None:
+    def _count_received(self, now: float, project_id: str) -> None:
         self.received_total += 1
-        self.project_received.add(now)
+        project = self.projects.get(project_id)
+        if project is not None:
+            project.received.add(now)
         wall = time.time()
         if self.first_send is None:
             self.first_send = (now, wall)
         self.last_send = (now, wall)
 
-    def _project_refusal(self, endpoint: str, project_id: str) -> web.Response | None:
-        """404 for another project, 403 while the project is disabled, else None."""
-        if project_id != self.settings.project_id:
+    def _project_refusal(
+        self, endpoint: str, project_id: str, key_project: str
+    ) -> web.Response | None:
+        """404 for a project not served, 403 for another project's key or while the
+        project is disabled, else None."""
+        if project_id not in self.projects:
             return self._error(endpoint, 404, "NOT_FOUND", "Project not found.")
+        if project_id != key_project:
+            message = "The key does not belong to this project."
+            return self._error(endpoint, 403, "PERMISSION_DENIED", message)
         if self.settings.project_forbidden:
             message = f"Project {project_id} is disabled"
             return self._error(endpoint, 403, "PERMISSION_DENIED", message)
@@ -348,12 +391,20 @@ class Simulator:
                 ids.append(correlation)
         return correlation
 
-    def _admit(self, app_id: str, app: _AppState, now: float, basic: bool) -> web.Response | None:
+    def _admit(
+        self,
+        app_id: str,
+        app: _AppState,
+        project_id: str,
+        project: _ProjectState,
+        now: float,
+        basic: bool,
+    ) -> web.Response | None:
         """The first limit or injected fault that refuses the send, else None."""
         settings = self.settings
-        project_cap = max(1, int(settings.project_rate))
-        if self.project_calls.count(now) >= project_cap:
-            wait = self.project_calls.wait_s(now, project_cap)
+        project_cap = max(1, int(settings.project_limit(project_id)))
+        if project.calls.count(now) >= project_cap:
+            wait = project.calls.wait_s(now, project_cap)
             return self._too_many("project", "Project rate limit exceeded.", wait)
         if settings.strict:
             app_cap = max(1, int(settings.app_limit(app_id)))
@@ -366,8 +417,8 @@ class Simulator:
                 return self._too_many("app", "App ingress queue is full.", wait)
         if basic:
             basic_cap = max(1, int(settings.basic_auth_rate))
-            if self.basic_window.count(now) >= basic_cap:
-                wait = self.basic_window.wait_s(now, basic_cap)
+            if project.basic.count(now) >= basic_cap:
+                wait = project.basic.wait_s(now, basic_cap)
                 return self._too_many("basic", "Basic authentication rate limit exceeded.", wait)
         if settings.error_rate > 0.0 and self.rng.random() < settings.error_rate:
             if self.rng.random() < 0.5:
@@ -379,6 +430,8 @@ class Simulator:
         self,
         app_id: str,
         app: _AppState,
+        project_id: str,
+        project: _ProjectState,
         now: float,
         basic: bool,
         body: dict[str, Any],
@@ -386,17 +439,18 @@ class Simulator:
     ) -> tuple[str, str]:
         """Commit every window and counter (before any await); the id and time."""
         settings = self.settings
-        self.project_accepted.add(now)
-        self.project_calls.add(now)
+        project.accepted.add(now)
+        project.calls.add(now)
         app.accepted.add(now)
         if basic:
-            self.basic_window.add(now)
+            project.basic.add(now)
         message_id, accepted_time = self.stamper.stamp()
         self.accepted_total += 1
+        project.accepted_total += 1
         app.accepted_total += 1
         per_app = self.metrics.accepted
         per_app[app.label] = per_app.get(app.label, 0) + 1
-        self.accepted_log.append((message_id, app_id, correlation, accepted_time))
+        self.accepted_log.append((message_id, app_id, correlation, accepted_time, project_id))
         if correlation is not None:
             if correlation in self.accepted_ids:
                 self.duplicates_accepted += 1

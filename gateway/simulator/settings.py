@@ -37,6 +37,25 @@ TUNABLE: Final[frozenset[str]] = frozenset(
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ProjectSpec:
+    """Another project the simulator serves: its own access key and project cap.
+
+    A key belongs to one project, as on Sinch: a token issued for this key (or the
+    key itself over Basic auth) is refused with 403 on any other project.
+    """
+
+    key_id: str
+    key_secret: str
+    rate: float = 800
+
+    def __post_init__(self) -> None:
+        for name in ("key_id", "key_secret"):
+            value = getattr(self, name)
+            _require(isinstance(value, str) and bool(value), name, "must not be empty")
+        _positive(self.rate, "rate")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SimulatorSettings:
     """Everything the simulator needs; durations are float seconds, rates per second.
 
@@ -49,6 +68,11 @@ class SimulatorSettings:
     ``processing_mode`` unless ``processing_modes`` names another for them.
     ``project_forbidden`` answers every send and app read with 403. A send body over
     ``max_request_bytes`` is refused with 400.
+
+    ``project_id`` / ``key_id`` / ``key_secret`` / ``project_rate`` are the default
+    project; ``projects`` adds more, by project_id, each with its own key and its
+    own 1-second project window at its own ``rate`` (a plain mapping with those
+    keys is accepted for a :class:`ProjectSpec`). Apps are shared by every project.
     """
 
     host: str = "127.0.0.1"
@@ -83,6 +107,7 @@ class SimulatorSettings:
     basic_auth_rate: float = 2.0
     accepted_log_size: int = 1_000_000
     seed: int | None = None
+    projects: Mapping[str, ProjectSpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(bool(self.host), "host", "must not be empty")
@@ -133,12 +158,29 @@ class SimulatorSettings:
         _require(self.callback_queue_size >= 1, "callback_queue_size", "must be >= 1")
         _require(self.callback_retries >= 0, "callback_retries", "must be >= 0")
         _require(self.accepted_log_size >= 0, "accepted_log_size", "must be >= 0")
+        object.__setattr__(self, "projects", _projects(self.projects, self.project_id))
+        key_ids = [self.key_id, *(spec.key_id for spec in self.projects.values())]
+        _require(len(set(key_ids)) == len(key_ids), "projects", "key_id must differ per project")
         if self.callback_url is not None:
             _require(
                 self.callback_url.startswith(("http://", "https://")),
                 "callback_url",
                 "must be an http(s) URL",
             )
+
+    def project_ids(self) -> list[str]:
+        """Every project served: the default one first."""
+        return [self.project_id, *self.projects]
+
+    def project_limit(self, project_id: str) -> float:
+        """The project cap of ``project_id`` (sends and app reads per second)."""
+        spec = self.projects.get(project_id)
+        return self.project_rate if spec is None else spec.rate
+
+    def access_keys(self) -> list[tuple[str, str, str]]:
+        """``(project_id, key_id, key_secret)`` of every project."""
+        own = (self.project_id, self.key_id, self.key_secret)
+        return [own, *((pid, p.key_id, p.key_secret) for pid, p in self.projects.items())]
 
     def app_limit(self, app_id: str) -> float:
         """The rate of ``app_id``: its override or the default ``app_rate``."""
@@ -182,6 +224,28 @@ def patch(settings: SimulatorSettings, changes: Mapping[str, Any]) -> SimulatorS
         else:
             _require(_is_number(value), name, "must be a number")
     return replace(settings, **updates)
+
+
+def _projects(raw: Mapping[str, Any], default_id: str) -> dict[str, ProjectSpec]:
+    _require(isinstance(raw, Mapping), "projects", "must be a mapping of project_id to a project")
+    out: dict[str, ProjectSpec] = {}
+    for project_id, spec in raw.items():
+        where = f"projects[{project_id!r}]"
+        _require(isinstance(project_id, str) and bool(project_id), where, "needs a project_id")
+        _require(project_id != default_id, where, "is the default project_id")
+        if isinstance(spec, ProjectSpec):
+            out[project_id] = spec
+            continue
+        _require(isinstance(spec, Mapping), where, "must be {key_id, key_secret, rate}")
+        try:
+            out[project_id] = ProjectSpec(**dict(spec))
+        except TypeError:
+            unknown = sorted(set(spec) - {"key_id", "key_secret", "rate"})
+            name = f"{where}.{unknown[0]}" if unknown else where
+            raise ValueError(f"{name}: must be {{key_id, key_secret, rate}}") from None
+        except ValueError as exc:
+            raise ValueError(f"{where}.{exc}") from None
+    return out
 
 
 def _merge(
