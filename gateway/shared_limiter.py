@@ -12,18 +12,22 @@ Redis instead:
   the only clock every replica shares; a replica maps a slot to its own
   ``loop.time()`` by the reply's ``TIME`` seen from the end of the round trip, so
   the mapping can only make a slot later, never earlier.
-- The replica hands its ``k`` slots out at exactly those times, in call order. A
-  send never goes before its slot; a slot not taken within ``grace_s`` of its time
-  is lost, never bunched later. Sends are thus within ``[slot, slot + grace_s +
-  one round trip]``, and slots are ``1/pace`` apart group-wide, so no 1-second
-  window holds more than ``ceil((1 + grace_s + rtt) x pace)`` sends: at most
-  ``rate`` while ``grace_s + rtt <= margin / (1 - margin)``. ``grace_s`` defaults to
-  half the margin, which leaves the other half for arrival jitter at Sinch.
+- The replica hands its ``k`` slots out in call order. Each send has a virtual
+  slot: its own slot or later, ``1/pace`` after the previous send's, within the
+  replica's run (its stretch of consecutive slots on the timeline); it goes no
+  earlier than that and at most ``grace_s`` after. A late wake-up moves the
+  virtual slots after it back instead of bunching sends; what no longer fits in
+  the run is lost. The virtual slots of the whole group are thus ``1/pace`` apart
+  and every send is within ``grace_s`` (plus the clock mapping's error, at most
+  the fastest recent round trip) of one, so no 1-second window holds more than
+  ``ceil((1 + grace_s + rtt) x pace)`` sends: at most ``rate`` while ``grace_s +
+  rtt <= margin / (1 - margin)``. ``grace_s`` defaults to half the margin, which
+  leaves the other half for the mapping and for arrival jitter at Sinch.
 - ``k`` covers ``batch_horizon_s`` of the bucket's pace (at most ``max_batch``), so
   a busy bucket costs one round trip per ``k`` sends and a slow one (an app at
   20/s) draws few slots that it could lose when its lane runs dry.
-- The rate lives in the bucket's hash: ``set_rate`` on any replica writes it with
-  its next call and every replica adopts what the script answers, so the whole
+- The rate lives in the bucket's hash: ``set_rate`` on any replica writes it at once,
+  and every replica adopts what the script answers at its next draw, so the whole
   group follows. ``factor`` (the adaptive slow-down after 429s) is the caller's own.
   A bucket pushes its configured rate with its first call: the newest
   configuration wins. Shared buckets have no burst: the spacing is the guarantee.
@@ -80,7 +84,7 @@ return {string.format('%.0f', now), rate_s, string.format('%.3f', first),
         string.format('%.6f', interval)}
 """
 
-_OFFSET_WINDOW_S = 2.0  # clock samples kept: Redis's wall clock may slew against ours
+_OFFSET_WINDOW_S = 10.0  # clock samples kept: Redis time may slew against ours by a few ppm
 
 
 class SharedBucket:
@@ -123,7 +127,13 @@ class SharedBucket:
         self.drawn = 0  # slots reserved in Redis by this replica
         self.lost = 0  # of those, not taken in time (or dropped while Redis was down)
         self.roundtrips = 0
-        self._slots: deque[float] = deque()
+        # (local time, spacing, end of its run): a run is a stretch of the timeline of
+        # consecutive slots all drawn by this replica; its end is a one-item list that
+        # grows when the next batch follows on
+        self._slots: deque[tuple[float, float, list[float]]] = deque()
+        self._run: list[float] | None = None
+        self._tat_us = -1.0  # Redis time just past this replica's last drawn slot
+        self._next_v = float("-inf")  # the earliest virtual slot of the next send planned
         self._batch = 1_000_000  # capped by batch_size() at the first draw
         self._lost_seen = 0
         self._waiting = 0  # callers waiting for a draw
@@ -161,48 +171,93 @@ class SharedBucket:
         return min(cap, max(self._waiting, self._batch))
 
     async def take(self) -> None:
-        """Wait for this replica's next slot on the shared timeline; return at its time.
+        """Wait for this replica's next slot on the shared timeline; return when it may go.
 
-        Holds while Redis is unreachable. The caller sends right after it returns.
+        Each send has a virtual slot: its drawn slot, or later if it must be, one
+        spacing after the one before and never past the last slot of its run (the
+        stretch of consecutive slots this replica drew). It goes at its virtual slot
+        or within ``grace_s`` after it. A wake-up later than that is lost, except
+        for the last send planned, whose virtual slot moves back (and the next with
+        it) instead: a lone caller, an app's lane, does not lose a slot to each late
+        wake-up. Sends are never bunched; a slot that no longer fits in its run is
+        lost. Holds while Redis is unreachable. The caller sends right after it
+        returns.
         """
         clock = self._clock
         grace = self.grace_s
         slots = self._slots
+        limiter = self._limiter
         while True:
             now = clock()
-            while slots and slots[0] + grace < now:
+            while slots and slots[0][2][0] + grace < now:
                 slots.popleft()
                 self.lost += 1
             if not slots:
-                self._waiting += 1
-                try:
-                    await self._draw()
-                finally:
-                    self._waiting -= 1
+                await self._draw()
                 continue
-            at = slots.popleft()
-            while now < at:
-                await asyncio.sleep(at - now)
-                now = clock()
-            if now <= at + grace and self._limiter.up:
-                return
-            self.lost += 1
+            at, spacing, run = slots.popleft()
+            planned = max(at, self._next_v)
+            if planned > run[0]:
+                if not slots and run is self._run and limiter.up:
+                    # the last slot held: the next batch may follow on and extend the run
+                    end = run[0]
+                    slots.appendleft((at, spacing, run))
+                    await self._draw()
+                    if run[0] > end or not slots or slots[0][2] is not run:
+                        continue
+                    slots.popleft()
+                self.lost += 1
+                continue
+            self._next_v = planned + spacing
+            try:
+                while now < planned:
+                    await asyncio.sleep(planned - now)
+                    now = clock()
+            except asyncio.CancelledError:
+                self.lost += 1
+                raise
+            if now > planned + grace:
+                moved = now - grace
+                if self._next_v != planned + spacing or moved > run[0]:
+                    self.lost += 1
+                    continue
+                self._next_v = moved + spacing
+            if not limiter.up:
+                self.lost += 1
+                continue
+            return
 
     async def _draw(self) -> None:
-        task = self._draw_task
-        if task is None or task.done():
-            task = self._draw_task = asyncio.create_task(
-                self._limiter.draw(self, self._next_batch()), name=f"draw-{self.name}"
-            )
-        # one draw in flight per bucket; a cancelled taker does not cancel it
-        await asyncio.shield(task)
+        self._waiting += 1
+        try:
+            task = self._draw_task
+            if task is None or task.done():
+                task = self._draw_task = asyncio.create_task(
+                    self._limiter.draw(self, self._next_batch()), name=f"draw-{self.name}"
+                )
+            # one draw in flight per bucket; a cancelled taker does not cancel it
+            await asyncio.shield(task)
+        finally:
+            self._waiting -= 1
 
-    def _accept(self, rate: float, first: float, interval: float, n: int) -> None:
+    def _accept(
+        self, rate: float, first_us: float, interval_us: float, n: int, offset: float
+    ) -> None:
+        """Take ``n`` slots from ``first_us`` (Redis time), ``offset`` = Redis minus local time."""
         self.drawn += n
         self.roundtrips += 1
-        self._slots.extend(first + i * interval for i in range(n))
         if n:
-            self._last_slot = first + (n - 1) * interval
+            first = first_us / 1e6 - offset
+            spacing = interval_us / 1e6
+            last = first + (n - 1) * spacing + 1e-6  # the sum of spacings may round above it
+            run = self._run
+            if run is None or abs(first_us - self._tat_us) > 1.0:
+                run = self._run = [last]
+            else:
+                run[0] = last
+            self._tat_us = first_us + n * interval_us
+            self._slots.extend((first + i * spacing, spacing, run) for i in range(n))
+            self._last_slot = last
         # a rate set here and not yet written wins over the one Redis answered
         if rate != self.rate and not self._push_rate:
             log.info("bucket %s follows the group's rate %.2f/s", self.name, rate)
@@ -213,6 +268,7 @@ class SharedBucket:
     def _drop_slots(self) -> None:
         self.lost += len(self._slots)
         self._slots.clear()
+        self._run = None
 
     def window_delay(self, now: float) -> float:
         """This replica's own window guard, as in ``Bucket`` (used when not the last bucket)."""
@@ -446,9 +502,7 @@ class SharedLimiter:
             if self.on_roundtrip is not None:
                 self.on_roundtrip(t1 - t0)
             offset = self._offset(int(reply[0]) / 1e6, t1)
-            bucket._accept(
-                float(reply[1]), float(reply[2]) / 1e6 - offset, float(reply[3]) / 1e6, n
-            )
+            bucket._accept(float(reply[1]), float(reply[2]), float(reply[3]), n, offset)
             return
 
     def push_rate(self, bucket: SharedBucket) -> None:
@@ -463,11 +517,14 @@ class SharedLimiter:
         Redis read its clock before ``local_after``, so ``redis_now - local_after`` is a
         lower bound of the offset; the highest recent bound is the tightest.
         """
-        offsets = self._offsets
-        while offsets and offsets[0][0] < local_after - _OFFSET_WINDOW_S:
+        offsets = self._offsets  # decreasing offsets, oldest first: the highest is first
+        offset = redis_now - local_after
+        while offsets and offsets[-1][1] <= offset:
+            offsets.pop()
+        offsets.append((local_after, offset))
+        while offsets[0][0] < local_after - _OFFSET_WINDOW_S:
             offsets.popleft()
-        offsets.append((local_after, redis_now - local_after))
-        return max(o for _, o in offsets)
+        return offsets[0][1]
 
     async def _ping(self) -> bool:
         assert self._redis is not None  # noqa: S101 - start() made it

