@@ -53,7 +53,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +472,10 @@ class SharedLimiter:
     def _mark_down(self, exc: BaseException) -> None:
         self.failures += 1
         detail = str(exc) or type(exc).__name__
-        self.reason = f"redis unreachable: {detail[:200]}"
+        # a refusal (an error reply) is not an outage, but sending holds all the same
+        unreachable = isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError))
+        what = "redis unreachable" if unreachable else "redis refused the limiter's script"
+        self.reason = f"{what}: {detail[:200]}"
         if self._up.is_set():
             log.error("shared limiter: %s; sending holds", self.reason)
         self._up.clear()
@@ -482,6 +487,8 @@ class SharedLimiter:
 
     async def draw(self, bucket: SharedBucket, n: int) -> None:
         """Reserve ``n`` slots of ``bucket`` (0: only write its rate); hold until Redis answers."""
+        lo, hi = self._backoff
+        delay = lo
         while True:
             await self._up.wait()
             push = bucket._push_rate
@@ -493,6 +500,9 @@ class SharedLimiter:
                 )
             except (RedisError, OSError) as exc:
                 self._mark_down(exc)
+                # the watcher may find Redis up at once (an error reply): do not spin
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
+                delay = min(hi, delay * 2)
                 continue
             t1 = self.clock()
             if push and bucket.rate == float(args[0]):

@@ -83,8 +83,8 @@ async def test_three_replicas_with_skewed_load_keep_one_cap_and_use_it(
     limiters = [await replicas() for _ in range(3)]
     buckets = [lim.bucket("project:p", 200, margin=0.01) for lim in limiters]
     # the third replica's partitions are idle: it holds the bucket and never draws
-    senders.run("busy", [buckets[0]], 40)
-    senders.run("less busy", [buckets[1]], 6)
+    senders.run("busy", [buckets[0]], 16)
+    senders.run("less busy", [buckets[1]], 4)
     await run_for(3.2)
     await senders.stop()
     sends = senders.all()
@@ -266,3 +266,17 @@ async def test_batches_follow_the_pace(replicas: Factory) -> None:
     assert lim.bucket("app:slow", 1).batch_size() == 1
     with pytest.raises(ValueError, match="grace_s"):
         lim.bucket("app:b", 20, margin=0.01, grace_s=0.05)
+
+
+async def test_a_refused_login_holds_and_never_shows_the_password(
+    redis_server: RedisServer,
+) -> None:
+    url = f"redis://nobody:s3cret-pw@127.0.0.1:{redis_server.port}/0"
+    async with SharedLimiter(url, timeout_s=0.5) as lim:
+        ok, reason = lim.readiness()
+        assert not ok
+        assert reason.startswith("redis unreachable: ")
+        assert "s3cret" not in reason
+        bucket = lim.bucket("project:p", 100)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(bucket.take(), 0.3)
