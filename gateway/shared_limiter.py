@@ -110,6 +110,7 @@ class SharedBucket:
         grace_s: float,
         min_factor: float,
         on_change: Callable[[SharedBucket], None] | None,
+        key: str | None = None,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0")
@@ -118,7 +119,7 @@ class SharedBucket:
         self._limiter = limiter
         self._clock = limiter.clock
         self.name = name
-        self.key = limiter.key_prefix + name
+        self.key = limiter.key_prefix + (key or name)
         self.rate = rate
         self.margin = margin
         self.grace_s = grace_s
@@ -423,11 +424,13 @@ class SharedLimiter:
         grace_s: float | None = None,
         min_factor: float = 0.05,
         on_change: Callable[[SharedBucket], None] | None = None,
+        key: str | None = None,
     ) -> SharedBucket:
         """A bucket named like the local ones (``project:P``, ``app:A``, ``channel:C``).
 
-        Every replica that names the same bucket shares its timeline. ``grace_s``
-        defaults to half of ``margin`` (seconds); it must not exceed the margin.
+        Every replica that uses the same ``key`` (the name unless given; the Redis
+        key is ``key_prefix + key``) shares its timeline. ``grace_s`` defaults to
+        half of ``margin`` (seconds); it must not exceed the margin.
         """
         grace = margin / 2 if grace_s is None else grace_s
         if not 0 <= grace <= margin:
@@ -440,6 +443,7 @@ class SharedLimiter:
             grace_s=grace,
             min_factor=min_factor,
             on_change=on_change,
+            key=key,
         )
         self._buckets.append(b)
         return b

@@ -266,6 +266,10 @@ async def test_batches_follow_the_pace(replicas: Factory) -> None:
     assert lim.bucket("app:slow", 1).batch_size() == 1
     with pytest.raises(ValueError, match="grace_s"):
         lim.bucket("app:b", 20, margin=0.01, grace_s=0.05)
+    # the Redis key may differ from the name: one channel's limit per project
+    a, b = lim.bucket("channel:WA", 20, key="p1:channel:WA"), lim.bucket("channel:WA", 20)
+    assert a.key != b.key
+    assert a.key.endswith("p1:channel:WA")
 
 
 async def test_a_refused_login_holds_and_never_shows_the_password(
