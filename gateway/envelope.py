@@ -40,6 +40,8 @@ MAX_REQUEST_ID = 256
 MAX_CORRELATION_ID = 128  # Sinch's limit on SendMessageRequest.correlation_id
 MIN_TTL_S = 3  # Sinch's minimum SendMessageRequest.ttl
 DIGEST_PREFIX = "gw:"
+RID_SEP = "|rid:"  # between a producer's own correlation id and the request_id
+_DIGEST_END = re.compile(r"(?:^|\|)gw:[0-9a-f]{32}$")
 _TTL = re.compile(r"(\d+(?:\.\d+)?)s?")
 
 
@@ -118,18 +120,28 @@ class Request:
 def correlation_for(request_id: str, own: str | None) -> str:
     """The ``correlation_id`` to send: at most 128 characters, stable per input.
 
-    A producer's own non-empty correlation id is kept (``decode`` rejects one
-    longer than 128). Otherwise the ``request_id`` is used as it is when it
-    fits, so delivery reports name the request directly; a longer one becomes
-    ``"gw:" + blake2b(request_id, 16 bytes).hex()`` (35 characters). A digest
-    cannot be turned back into a request_id: reports for such a request are
-    matched through the message_id -> request_id map, as for an own id.
+    Delivery reports carry it back, to whichever replica Sinch calls, so it names
+    the request: the ``request_id`` itself when the producer left the field empty
+    (a request_id longer than 128 characters becomes ``"gw:" +
+    blake2b(request_id, 16 bytes).hex()``, which names it only through the
+    message_id map of the replica that sent it). A producer's own correlation id
+    stays readable in front: ``"<own>|rid:<request_id>"``, the own part cut short
+    where both would not fit. :func:`request_id_in` reads it back.
     """
-    if own:
-        return own if len(own) <= MAX_CORRELATION_ID else _digest(own)
-    if len(request_id) <= MAX_CORRELATION_ID:
-        return request_id
-    return _digest(request_id)
+    rid = request_id if len(request_id) <= MAX_CORRELATION_ID else _digest(request_id)
+    if not own:
+        return rid
+    tail = (RID_SEP + rid) if rid is request_id else ("|" + rid)
+    return own[: MAX_CORRELATION_ID - len(tail)] + tail
+
+
+def request_id_in(correlation: str) -> str | None:
+    """The request_id a correlation id made by :func:`correlation_for` names, if any."""
+    if RID_SEP in correlation:
+        return correlation.rsplit(RID_SEP, 1)[1] or None
+    if _DIGEST_END.search(correlation):
+        return None  # a digest names no request by itself
+    return correlation or None
 
 
 def _digest(value: str) -> str:

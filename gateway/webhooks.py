@@ -42,7 +42,6 @@ import base64
 import hashlib
 import hmac
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -52,7 +51,7 @@ import orjson
 from aiohttp import web
 from aiokafka.errors import KafkaError
 
-from gateway.envelope import DIGEST_PREFIX
+from gateway.envelope import request_id_in
 from gateway.settings import Secret, Settings
 
 if TYPE_CHECKING:
@@ -99,8 +98,6 @@ DELIVERY_STATUSES: Final = frozenset(
 _MAX_NONCE: Final = 256
 _MAX_TIMESTAMP: Final = 12
 _OK: Final = b'{"status":"ok"}'
-# correlation ids the gateway made from a request_id too long for Sinch (envelope)
-_DIGEST: Final = re.compile(re.escape(DIGEST_PREFIX) + "[0-9a-f]+")
 
 
 def sign(secret: str, body: bytes, nonce: str, timestamp: str) -> str:
@@ -357,12 +354,13 @@ class WebhookReceiver:
         if request_id is None:
             if not correlation:
                 return None
-            if _DIGEST.fullmatch(correlation):
+            request_id = request_id_in(correlation)
+            if request_id is None:  # a digest: only the map of the sender names it
                 if not message_id:
                     return None
                 matched_by = "none"
             else:
-                request_id, matched_by = correlation, "correlation_id"
+                matched_by = "correlation_id"
         identity = report.get("channel_identity")
         reason = report.get("reason")
         value = orjson.dumps(

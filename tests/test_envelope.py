@@ -3,7 +3,13 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.envelope import MAX_CORRELATION_ID, Priority, correlation_for, decode
+from gateway.envelope import (
+    MAX_CORRELATION_ID,
+    Priority,
+    correlation_for,
+    decode,
+    request_id_in,
+)
 from gateway.errors import InvalidMessage
 
 GOOD = {
@@ -77,7 +83,7 @@ def test_body_fills_gateway_owned_fields_only_when_absent():
         with_(payload__correlation_id="mine", payload__queue="NORMAL_PRIORITY"), max_bytes=10_000
     )
     body = orjson.loads(own.body(now=0))
-    assert body["correlation_id"] == "mine"
+    assert body["correlation_id"] == "mine|rid:r1"  # its own, readable, and the request
     assert body["queue"] == "NORMAL_PRIORITY"
     assert "ttl" not in body
 
@@ -114,14 +120,25 @@ def test_a_long_request_id_gets_a_short_stable_correlation_id():
     [
         ("r1", None, "r1"),
         ("x" * 128, None, "x" * 128),
-        ("r1", "mine", "mine"),
-        ("x" * 200, "mine", "mine"),
+        ("r1", "mine", "mine|rid:r1"),
+        ("x" * 200, "mine", "mine|" + correlation_for("x" * 200, None)),
         ("r1", "", "r1"),
+        ("r" * 100, "o" * 128, "o" * 23 + "|rid:" + "r" * 100),
     ],
 )
 def test_correlation_for_keeps_what_fits(request_id, own, expected):
     assert correlation_for(request_id, own) == expected
     assert len(correlation_for("x" * 129, None)) <= MAX_CORRELATION_ID
+    assert len(correlation_for(request_id, own)) <= MAX_CORRELATION_ID
+
+
+@pytest.mark.parametrize(
+    ("request_id", "own"),
+    [("r1", None), ("r1", "mine"), ("r" * 120, "o" * 128), ("x" * 200, None), ("x" * 200, "o")],
+)
+def test_request_id_in_reads_back_what_correlation_for_made(request_id, own):
+    found = request_id_in(correlation_for(request_id, own))
+    assert found == (request_id if len(request_id) <= MAX_CORRELATION_ID else None)
 
 
 def test_own_correlation_id_longer_than_128_is_rejected():

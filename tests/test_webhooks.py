@@ -668,6 +668,24 @@ async def test_a_digest_correlation_id_is_never_taken_for_a_request_id(
     assert [e.value for e in events] == bodies
 
 
+async def test_a_report_to_the_replica_that_did_not_send_is_keyed_by_its_request_id(
+    make_env: MakeEnv, broker: EmbeddedBroker
+) -> None:
+    # this receiver's map knows nothing of the sends: another replica made them
+    client, _, _, settings = await make_env()
+    bodies = [
+        report("msg-1", "DELIVERED", correlation_id=correlation_for("req-1", None)),
+        report("msg-2", "DELIVERED", correlation_id=correlation_for("req-2", "order-77")),
+        report("msg-3", "READ", correlation_id=correlation_for("req-3", "o" * 128)),
+    ]
+    for body in bodies:
+        assert (await post(client, body, signed(body)))[0] == 200
+    statuses = await read_records(broker.bootstrap, settings.status_topic, 3, timeout_s=10)
+    assert [s.key for s in statuses] == [b"req-1", b"req-2", b"req-3"]
+    docs = [orjson.loads(s.value) for s in statuses]
+    assert {d["matched_by"] for d in docs} == {"correlation_id"}
+
+
 # -- random input -----------------------------------------------------------------
 
 
