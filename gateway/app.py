@@ -113,7 +113,7 @@ class Gateway:
                 return False, "joining the consumer group"
             if not intake.assigned:
                 return True, "in the group, no partition assigned (more replicas than partitions)"
-            return True, f"{len(intake.trackers)} assigned"
+            return True, "assigned"
 
         def token() -> tuple[bool, str]:
             if not self.tokens:
@@ -121,9 +121,11 @@ class Gateway:
             if self.settings.auth_mode == "basic":
                 return True, "basic auth"
             invalid = sorted(p for p, t in self.tokens.items() if not t.is_valid())
-            if invalid:
-                return False, f"no valid token for project {', '.join(invalid)}"
-            return True, "valid"
+            if not invalid:
+                return True, "valid"
+            if len(self.tokens) == 1:
+                return False, "no valid token"
+            return False, f"no valid token for project {', '.join(invalid)}"
 
         def sending() -> tuple[bool, str]:
             if self._stopping:
