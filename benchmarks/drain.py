@@ -1,7 +1,7 @@
 """Drain a backlog through the real gateway against the simulator in strict mode.
 
     python benchmarks/drain.py              # the three mixes, gateway and baseline side by side
-    python benchmarks/drain.py --memory     # 1,000,000 records in Kafka, RSS while draining
+    python benchmarks/drain.py --memory --apps 1    # 1,000,000 records in Kafka, RSS while draining
 
 Each mix publishes its backlog first, then starts the gateway (its own process) and
 measures, from the simulator's records and /proc:
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +34,23 @@ import aiohttp
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from benchmarks.isolation import (
+    CASES,
+    accepted_at,
+    at_of,
+    describe,
+    latencies,
+    publish_campaign,
+    publish_probes,
+    wait_first_send,
+)
 from benchmarks.stack import (
     cpu_seconds,
     gateway_env,
+    gateway_metric,
+    make_topics,
     rss_mb,
+    sim_accepted,
     sim_stats,
     start_gateway,
     start_simulator,
@@ -46,8 +59,6 @@ from benchmarks.stack import (
 )
 from gateway.broker import EmbeddedBroker, free_port
 from gateway.cli import sample_request
-from gateway.producer import ensure_topics
-from gateway.settings import load
 
 
 @dataclass
@@ -97,22 +108,6 @@ async def publish_backlog(bootstrap: str, topic: str, counts: dict[str, int], se
         await producer.flush()
     finally:
         await producer.stop()
-
-
-async def make_topics(bootstrap: str, tag: str, partitions: int = 6) -> None:
-    settings = load(
-        env={},
-        kafka_bootstrap=bootstrap,
-        requests_topic=f"req-{tag}",
-        requests_high_topic=f"high-{tag}",
-        spill_topic=f"spl-{tag}",
-        results_topic=f"res-{tag}",
-        status_topic=f"sta-{tag}",
-        dlq_topic=f"dlq-{tag}",
-        events_topic=f"evt-{tag}",
-        topic_partitions=partitions,
-    )
-    await ensure_topics(settings)
 
 
 async def drain(
@@ -179,22 +174,51 @@ async def backlog_and_simulator(
     return tag, sim_port, start_simulator(sim_port, "--strict", *rates)
 
 
-async def run_gateway(bootstrap: str, mix: Mix, seed: int) -> dict[str, Any]:
+async def run_gateway(
+    bootstrap: str, mix: Mix, seed: int, timeline: bool = False, lane_horizon_s: float = 0
+) -> dict[str, Any]:
     tag, sim_port, sim = await backlog_and_simulator(bootstrap, mix, seed)
     http_port = free_port()
+    extra = {"lane_horizon_s": lane_horizon_s} if lane_horizon_s else {}
     env = gateway_env(
-        bootstrap, sim_port, http_port, tag, app_rate=mix.app_rate, project_rate=mix.project_rate
+        bootstrap,
+        sim_port,
+        http_port,
+        tag,
+        app_rate=mix.app_rate,
+        project_rate=mix.project_rate,
+        **extra,
     )
     start_wall = time.time()
     gw = start_gateway(env)
     try:
         wait_port(http_port)
         out = await drain(gw, sim_port, mix.total, timeout=mix.ideal * 3 + 60)
+        if timeline:
+            async with aiohttp.ClientSession() as http:
+                print_timeline(mix, await sim_accepted(http, sim_port))
     finally:
         stop(gw)
         stop(sim)
     stats = out["stats"]
     return figures(mix, stats, int(stats["accepted_total"]), out["cpu"], out["hwm"], start_wall)
+
+
+def print_timeline(mix: Mix, entries: list[dict[str, Any]]) -> None:
+    """Acceptances per second of the mix's biggest app and of the project, from the first send."""
+    big = max(mix.counts, key=mix.counts.__getitem__)
+    times = [(at_of(e), e["app_id"] == big) for e in entries]
+    if not times:
+        return
+    first = min(t for t, _ in times)
+    seconds = int(max(t for t, _ in times) - first) + 1
+    app, project = [0] * seconds, [0] * seconds
+    for t, is_big in times:
+        k = int(t - first)
+        project[k] += 1
+        app[k] += is_big
+    print(f"  {mix.name}, per second from the first send: {big} / project")
+    print("  " + " ".join(f"{a}/{p}" for a, p in zip(app, project, strict=True)))
 
 
 async def run_baseline(bootstrap: str, mix: Mix, seed: int, seconds: float) -> dict[str, Any]:
@@ -255,7 +279,9 @@ def print_mix(mix: Mix, gw: dict[str, Any], base: dict[str, Any]) -> None:
     print(f"  429s by scope: gateway {gw['429_scopes']}, simple loop {base['429_scopes']}")
 
 
-async def cpu_per_call_paced(call: Callable[[], Awaitable[None]], count: int, rate: float) -> float:
+async def cpu_per_call_paced(
+    call: Callable[[], Coroutine[Any, Any, None]], count: int, rate: float
+) -> float:
     """Start ``call`` ``count`` times evenly at ``rate``; CPU microseconds per call."""
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
@@ -331,13 +357,23 @@ async def aiohttp_floor(
         stop(sim)
 
 
-async def memory_run(bootstrap: str, records: int, seconds: float) -> None:
+async def memory_run(bootstrap: str, records: int, seconds: float, apps: int) -> None:
+    """Drain ``records`` over ``apps`` apps for ``seconds``: RSS, and other apps' latency.
+
+    One app's backlog goes to partition 0. From 5 s after the first send, a request of a
+    new app is published to partition 0 and one to partition 1 every 2 s (20 of each);
+    their latency is publication to the simulator's acceptance.
+    """
     tag = uuid.uuid4().hex[:8]
     await make_topics(bootstrap, tag)
-    apps = {f"app-{i:02d}": records // 20 for i in range(20)}
+    topic = f"req-{tag}"
     t0 = time.monotonic()
-    await publish_backlog(bootstrap, f"req-{tag}", apps, seed=1)
-    print(f"published {records:,} records in {time.monotonic() - t0:.0f} s")
+    if apps == 1:
+        await publish_campaign(bootstrap, topic, "bulk", records)
+    else:
+        counts = {f"app-{i:03d}": records // apps for i in range(apps)}
+        await publish_backlog(bootstrap, topic, counts, seed=1)
+    print(f"published {records:,} records of {apps} app(s) in {time.monotonic() - t0:.0f} s")
     sim_port, http_port = free_port(), free_port()
     sim = start_simulator(sim_port, "--app-rate", "500", "--project-rate", "10000")
     env = gateway_env(bootstrap, sim_port, http_port, tag, app_rate=500, project_rate=10000)
@@ -347,38 +383,57 @@ async def memory_run(bootstrap: str, records: int, seconds: float) -> None:
         wait_port(http_port)
         async with aiohttp.ClientSession() as http:
             start = time.monotonic()
+            await wait_first_send(http, sim_port, 60)
+
+            async def probe() -> dict[str, list[tuple[str, float]]]:
+                await asyncio.sleep(5)
+                return await publish_probes(bootstrap, topic, 20, 2.0, cases="bc")
+
+            probing = asyncio.create_task(probe())
             while time.monotonic() - start < seconds:
                 await asyncio.sleep(2)
                 stats = await sim_stats(http, sim_port)
-                samples.append(
-                    (time.monotonic() - start, rss_mb(gw.pid), int(stats["accepted_total"]))
-                )  # type: ignore[call-overload]
-        hwm = rss_mb(gw.pid, "VmHWM")
+                sent = int(stats["accepted_total"])  # type: ignore[call-overload]
+                samples.append((time.monotonic() - start, rss_mb(gw.pid), sent))
+            probes = await probing
+            hwm = rss_mb(gw.pid, "VmHWM")
+            spilled = await gateway_metric(http, http_port, "gateway_spilled_records_total")
+            stop(gw)
+            at = accepted_at(await sim_accepted(http, sim_port))
     finally:
         stop(gw)
         stop(sim)
     print(f"{'t (s)':>6}{'RSS (MB)':>10}{'sent':>10}")
     for t, rss, sent in samples:
         print(f"{t:>6.0f}{rss:>10.1f}{sent:>10}")
-    rates = samples[-1][2] / samples[-1][0] if samples else 0
+    rate = samples[-1][2] / samples[-1][0] if samples else 0
     print(
-        f"backlog {records:,}; drained {samples[-1][2]:,} in {samples[-1][0]:.0f} s "
-        f"({rates:,.0f}/s); peak RSS {hwm:.0f} MB"
+        f"backlog {records:,} over {apps} app(s); drained {samples[-1][2]:,} in "
+        f"{samples[-1][0]:.0f} s ({rate:,.0f}/s); {spilled:,.0f} spilled; peak RSS {hwm:.0f} MB"
     )
+    for case, values in latencies(probes, at).items():
+        print(f"  ({case}) {CASES[case]}: {describe(values, seconds)}")
 
 
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--memory", action="store_true", help="the 1,000,000-record memory run")
     p.add_argument("--records", type=int, default=1_000_000)
+    p.add_argument("--apps", type=int, default=200, help="apps of the memory run's backlog")
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--baseline-seconds", type=float, default=20)
+    p.add_argument(
+        "--timeline", action="store_true", help="per-second acceptances of each mix's biggest app"
+    )
+    p.add_argument(
+        "--lane-horizon", type=float, default=0, help="the gateway's lane_horizon_s (0: default)"
+    )
     p.add_argument("--only", help="run only the mixes whose name contains this")
     p.add_argument("--scale", type=float, default=1.0, help="backlog of mix (a) times this")
     ns = p.parse_args()
     with EmbeddedBroker() as broker:
         if ns.memory:
-            await memory_run(broker.bootstrap, ns.records, ns.seconds)
+            await memory_run(broker.bootstrap, ns.records, ns.seconds, ns.apps)
             return
         print(
             "rates as in Sinch (app 20/s, project 800/s); mix (b') scales the app cap to "
@@ -393,7 +448,9 @@ async def main() -> None:
         for i, mix in enumerate(mixes(ns.scale)):
             if ns.only and ns.only not in mix.name:
                 continue
-            gw = await run_gateway(broker.bootstrap, mix, seed=i)
+            gw = await run_gateway(
+                broker.bootstrap, mix, seed=i, timeline=ns.timeline, lane_horizon_s=ns.lane_horizon
+            )
             base = await run_baseline(broker.bootstrap, mix, seed=i, seconds=ns.baseline_seconds)
             print_mix(mix, gw, base)
 

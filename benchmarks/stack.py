@@ -12,10 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from gateway.broker import stop_process
+from gateway.producer import ensure_topics
+from gateway.settings import load
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -54,6 +57,7 @@ def start_simulator(port: int, *args: str) -> subprocess.Popen[bytes]:
 
 def start_gateway(env: dict[str, str], log_path: str | None = None) -> subprocess.Popen[bytes]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    log_path = log_path or os.environ.get("BENCH_GATEWAY_LOG")  # the gateway's log: append
     out = Path(log_path).open("ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     cmd = [sys.executable, "-m", "gateway", "run", "--log-format", "text"]
     proc = subprocess.Popen(
@@ -114,6 +118,40 @@ def gateway_env(
 async def sim_stats(http: aiohttp.ClientSession, port: int) -> dict[str, object]:
     async with http.get(f"http://127.0.0.1:{port}/_sim/stats") as resp:
         return await resp.json()  # type: ignore[no-any-return]
+
+
+async def sim_accepted(http: aiohttp.ClientSession, port: int) -> list[dict[str, Any]]:
+    """The simulator's accepted log: message_id, app_id, correlation_id, accepted_time."""
+    async with http.get(f"http://127.0.0.1:{port}/_sim/accepted") as resp:
+        return await resp.json()  # type: ignore[no-any-return]
+
+
+async def gateway_metric(http: aiohttp.ClientSession, port: int, name: str) -> float:
+    """The sum over every label set of one sample name on the gateway's /metrics."""
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def make_topics(bootstrap: str, tag: str, partitions: int = 6) -> None:
+    """The gateway's topics for one run, named by ``tag`` as in :func:`gateway_env`."""
+    settings = load(
+        env={},
+        kafka_bootstrap=bootstrap,
+        requests_topic=f"req-{tag}",
+        requests_high_topic=f"high-{tag}",
+        spill_topic=f"spl-{tag}",
+        results_topic=f"res-{tag}",
+        status_topic=f"sta-{tag}",
+        dlq_topic=f"dlq-{tag}",
+        events_topic=f"evt-{tag}",
+        topic_partitions=partitions,
+    )
+    await ensure_topics(settings)
 
 
 async def sim_post(
