@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.limiter import Bucket
+from gateway.lanes import AnyBucket as Bucket
 
 if TYPE_CHECKING:
     from gateway.lanes import Lane

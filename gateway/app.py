@@ -46,6 +46,7 @@ from gateway.metrics import Metrics
 from gateway.outcomes import Outcomes
 from gateway.producer import Publisher, ensure_topics
 from gateway.settings import Settings
+from gateway.shared_limiter import SharedBucket, SharedLimiter
 from gateway.shares import Demand, Shares
 from gateway.sinch import SinchClient
 from gateway.tokens import BasicAuth, TokenManager, TokenSource
@@ -55,6 +56,15 @@ WEBHOOK_PATH = "/webhooks/sinch"
 SHARE_HEADROOM = 0.99  # shares of the project cap add up to this much of its pace
 
 log = logging.getLogger(__name__)
+
+
+def _changed(bucket: Bucket | SharedBucket) -> None:
+    """Tell a bucket's watcher (metrics, log) that its rate changed."""
+    if isinstance(bucket, Bucket):
+        if bucket.on_change is not None:
+            bucket.on_change(bucket)
+    elif bucket.on_change is not None:
+        bucket.on_change(bucket)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -89,6 +99,7 @@ class Gateway:
         self.http_port: int | None = None
         self.webhook_port: int | None = None
         self.started = asyncio.Event()
+        self.limiter: SharedLimiter | None = None
         self.intake: Intake | None = None
         self.lanes: Lanes | None = None
         self.outcomes: Outcomes | None = None
@@ -150,8 +161,14 @@ class Gateway:
                 )
             return True, "committing"
 
+        def limiter() -> tuple[bool, str]:
+            if self.limiter is None:
+                return True, "local buckets (no redis_url)"
+            return self.limiter.readiness()
+
         return Health(
             {
+                "limiter": limiter,
                 "kafka": kafka,
                 "partitions": partitions,
                 "token": token,
@@ -166,13 +183,14 @@ class Gateway:
         s = self.settings
         if not s.share_project_rate or self.lanes is None or owned == 0:
             return
+        if s.redis_url is not None:
+            return  # the shared limiter holds the group's exact cap
         buckets = {s.project_id: self.lanes.project_bucket, **self.lanes.project_buckets}
         for project_id, bucket in buckets.items():
             rate = s.project_rate_for(project_id) * owned / total
             if rate != bucket.rate:
                 bucket.set_rate(rate)
-                if bucket.on_change is not None:
-                    bucket.on_change(bucket)
+                _changed(bucket)
 
     def _on_hold(self, scope: str, reason: str) -> None:
         log.error("Sinch refused the %s (%s): all sending held, retrying", scope, reason)
@@ -198,6 +216,7 @@ class Gateway:
             if publisher is None or events is None:
                 return
             receiver.attach(events)
+            await self._start_limiter(stack)
             pipe = self._build_pipeline(self.tokens, publisher, sinch_session, receiver)
             self._bind_metrics(pipe, health)
             await pipe.rates.start()
@@ -275,6 +294,29 @@ class Gateway:
         if isinstance(main, TokenManager):
             m.token_expires_in.set_function(lambda: main.seconds_left() or -1.0)
         return sources
+
+    async def _start_limiter(self, stack: AsyncExitStack) -> None:
+        """The group's shared limiter in Redis, when ``redis_url`` is set.
+
+        Entered before the lanes are built, so that it stops after they are closed.
+        """
+        s = self.settings
+        if s.redis_url is None:
+            return
+        m = self.metrics
+        limiter = SharedLimiter(
+            s.redis_url.reveal(),
+            key_prefix=s.redis_key_prefix,
+            max_batch=s.limiter_max_batch,
+            batch_horizon_s=s.limiter_batch_horizon_s,
+            timeout_s=s.redis_timeout_s,
+            on_roundtrip=m.shared_limiter_roundtrip.observe,
+        )
+        self.limiter = await stack.enter_async_context(limiter)
+        m.shared_limiter_up.set_function(lambda: 1.0 if limiter.healthy() else 0.0)
+        m.shared_limiter_slots.set_function(lambda: limiter.slots_drawn)
+        m.shared_limiter_roundtrips.set_function(lambda: limiter.roundtrips)
+        m.shared_limiter_failures.set_function(lambda: limiter.failures)
 
     async def _start_publisher(
         self, stack: AsyncExitStack, stop: asyncio.Event, *, linger_ms: int, what: str
@@ -368,7 +410,8 @@ class Gateway:
         def apply(shares: dict[str, float]) -> None:
             for app_id, lane in lanes.lanes.items():
                 pace = shares.get(app_id)
-                lane.bucket.set_ceiling(None if pace is None else pace / (1 - margin))
+                if isinstance(lane.bucket, Bucket):  # a shared bucket paces the whole group
+                    lane.bucket.set_ceiling(None if pace is None else pace / (1 - margin))
 
         return Shares(groups=groups, apply=apply)
 
@@ -385,8 +428,7 @@ class Gateway:
             rate = rates.effective_rate(app_id)
             if rate != lane.bucket.rate:
                 lane.bucket.set_rate(rate)
-                if lane.bucket.on_change is not None:
-                    lane.bucket.on_change(lane.bucket)
+                _changed(lane.bucket)
 
         def on_rate(app_id: str, _rate: float, source: str) -> None:
             label = m.app_label(app_id)
@@ -479,7 +521,7 @@ class Gateway:
         m = self.metrics
         loop_clock = asyncio.get_running_loop().time
 
-        def track(bucket: Bucket) -> None:
+        def track(bucket: Bucket | SharedBucket) -> None:
             scope, _, name = bucket.name.partition(":")
             label = m.app_label(name) if scope == "app" else name
             m.rate_configured.labels(scope, label).set(bucket.rate)
@@ -491,10 +533,21 @@ class Gateway:
                 bucket.rate,
             )
 
-        def bucket(name: str, rate: float, burst: float) -> Bucket:
-            b = Bucket(
-                name, rate, burst=burst, margin=s.rate_margin, clock=loop_clock, on_change=track
-            )
+        limiter = self.limiter
+
+        def bucket(name: str, rate: float, burst: float) -> Bucket | SharedBucket:
+            b: Bucket | SharedBucket
+            if limiter is not None:  # one timeline for the whole group, in Redis
+                b = limiter.bucket(name, rate, margin=s.rate_margin, on_change=track)
+            else:
+                b = Bucket(
+                    name,
+                    rate,
+                    burst=burst,
+                    margin=s.rate_margin,
+                    clock=loop_clock,
+                    on_change=track,
+                )
             scope, _, label = name.partition(":")
             label = m.app_label(label) if scope == "app" else label
             m.rate_configured.labels(scope, label).set(b.rate)
@@ -509,7 +562,7 @@ class Gateway:
         }
         channels = {ch: bucket(f"channel:{ch}", rate, 1.0) for ch, rate in s.channel_rates.items()}
 
-        def app_bucket(app_id: str, project_id: str | None) -> Bucket:
+        def app_bucket(app_id: str, project_id: str | None) -> Bucket | SharedBucket:
             if project_id in (None, s.project_id):
                 rates.note_app(app_id)  # a new app's rate is read from Sinch at once
                 rate = rates.effective_rate(app_id)

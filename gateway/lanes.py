@@ -28,10 +28,12 @@ from typing import Any
 from gateway.envelope import Request
 from gateway.limiter import Bucket, acquire
 from gateway.offsets import PartitionTracker
+from gateway.shared_limiter import SharedBucket
 
 log = logging.getLogger(__name__)
 
 Sender = Callable[[Request, "Lane"], Coroutine[Any, Any, None]]
+AnyBucket = Bucket | SharedBucket  # local, or drawn from the group's limiter in Redis
 _seq = itertools.count()
 
 
@@ -51,7 +53,7 @@ class Lane:
         "worker",
     )
 
-    def __init__(self, app_id: str, bucket: Bucket, project: str | None = None) -> None:
+    def __init__(self, app_id: str, bucket: AnyBucket, project: str | None = None) -> None:
         self.app_id = app_id
         self.bucket = bucket
         self.project = project  # the Sinch project of its requests (None: the default one)
@@ -150,9 +152,9 @@ class Lanes:
     def __init__(
         self,
         *,
-        project_bucket: Bucket,
-        make_app_bucket: Callable[[str, str | None], Bucket],
-        channel_buckets: dict[str, Bucket],
+        project_bucket: AnyBucket,
+        make_app_bucket: Callable[[str, str | None], AnyBucket],
+        channel_buckets: Mapping[str, AnyBucket],
         max_in_flight: int,
         sender: Sender,
         clock: Callable[[], float],
@@ -160,12 +162,12 @@ class Lanes:
         expired: Callable[[Request], bool] | None = None,
         on_expired: Callable[[Request], None] | None = None,
         gate: Callable[[Request], Awaitable[None]] | None = None,
-        project_buckets: Mapping[str, Bucket] | None = None,
+        project_buckets: Mapping[str, AnyBucket] | None = None,
         hand_back: Callable[[Request], None] | None = None,
     ) -> None:
         self.project_bucket = project_bucket
         # the other Sinch projects' buckets, by project_id (a record's own project_id)
-        self.project_buckets: Mapping[str, Bucket] = project_buckets or {}
+        self.project_buckets: Mapping[str, AnyBucket] = project_buckets or {}
         self._make_app_bucket = make_app_bucket
         self.channel_buckets = channel_buckets
         self._in_flight = asyncio.Semaphore(max_in_flight)
@@ -194,7 +196,7 @@ class Lanes:
     def put(self, req: Request) -> None:
         self.lane(req.app_id, req.project_id).put(req)
 
-    def project_for(self, req: Request) -> Bucket:
+    def project_for(self, req: Request) -> AnyBucket:
         if req.project_id is None:
             return self.project_bucket
         return self.project_buckets.get(req.project_id, self.project_bucket)

@@ -261,6 +261,32 @@ class Metrics:
         self.commits = Counter(
             "gateway_offset_commits", "Offset commits, by result.", ["result"], registry=r
         )
+        self.shared_limiter_up = Gauge(
+            "gateway_shared_limiter_up",
+            "1 while the group's limiter in Redis answers (sending holds while it does not).",
+            registry=r,
+        )
+        self.shared_limiter_slots = Gauge(
+            "gateway_shared_limiter_slots_drawn",
+            "Slots this replica drew from the group's limiter in Redis since it started.",
+            registry=r,
+        )
+        self.shared_limiter_roundtrips = Gauge(
+            "gateway_shared_limiter_roundtrips",
+            "Calls of the limiter's script in Redis since start (each draws a batch of slots).",
+            registry=r,
+        )
+        self.shared_limiter_failures = Gauge(
+            "gateway_shared_limiter_failures",
+            "Limiter calls that found Redis unreachable since start.",
+            registry=r,
+        )
+        self.shared_limiter_roundtrip = Histogram(
+            "gateway_shared_limiter_roundtrip_seconds",
+            "Duration of one call of the limiter's script in Redis.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rebalances = Counter(
             "gateway_rebalances",
             "Partitions revoked from or assigned to this replica, by event (revoked, assigned).",

@@ -218,6 +218,13 @@ class Settings:
     rate_margin: float = 0.02
     # each replica paces the project at project_rate x (its partitions / all partitions)
     share_project_rate: bool = True
+    # several replicas draw project, channel and app slots from one limiter in Redis
+    # (exact cap for the group); without it, the partition share above
+    redis_url: Secret | None = None
+    redis_key_prefix: str = "sinch-gateway:limiter:"
+    redis_timeout_s: float = 1.0
+    limiter_max_batch: int = 16
+    limiter_batch_horizon_s: float = 0.2
     apps: Mapping[str, AppSettings] = field(default_factory=dict)
     projects: Mapping[str, ProjectSettings] = field(default_factory=dict)
     # each active app's rate_limits.outbound and queue_stats are read from Sinch at
@@ -304,6 +311,19 @@ class Settings:
             url = getattr(self, url_name)
             if not url.startswith(("http://", "https://")):
                 bad(url_name, "an http(s) URL", url)
+        if self.limiter_batch_horizon_s > 1:
+            bad(
+                "limiter_batch_horizon_s",
+                "a number of seconds in (0, 1]",
+                self.limiter_batch_horizon_s,
+            )
+        if self.limiter_max_batch > 256:
+            bad("limiter_max_batch", "an integer 1-256", self.limiter_max_batch)
+        if not self.redis_key_prefix:
+            bad("redis_key_prefix", "a non-empty prefix", self.redis_key_prefix)
+        url = self.redis_url.reveal() if self.redis_url is not None else ""
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            bad("redis_url", "a redis://, rediss:// or unix:// URL", "<not shown>")
         for app_id, app in self.apps.items():
             if app.rate is not None and app.rate <= 0:
                 bad(f"apps.{app_id}.rate", "a number greater than 0", app.rate)
@@ -360,6 +380,9 @@ class Settings:
 
 
 _POSITIVE = (
+    "redis_timeout_s",
+    "limiter_max_batch",
+    "limiter_batch_horizon_s",
     "topic_partitions",
     "spill_partitions",
     "lane_horizon_s",

@@ -46,6 +46,7 @@ CHART_MANAGED = {
     "webhook_secret",
     "webhook_secret_previous",
     "kafka_sasl_password",
+    "redis_url",
 }
 RELEASE = "sg"
 NAMESPACE = "messaging"
