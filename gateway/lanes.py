@@ -80,24 +80,19 @@ class Lane:
         self.pause_reason = reason
 
     def drop(self, keep: Callable[[Request], bool]) -> list[Request]:
-        """Remove and return the queued requests for which ``keep`` is False."""
-        dropped: list[Request] = []
-        for q in self._queues:
-            kept: list[Request] = []
-            for r in q:
-                (kept if keep(r) else dropped).append(r)
-            q.clear()
-            q.extend(kept)
+        """Remove and return the requests, queued or retrying, for which ``keep`` is False."""
+        dropped = self.take_queued(lambda r: not keep(r))
+        retried: list[Request] = []
         retries: list[tuple[float, int, Request]] = []
         for entry in self._retries:
             if keep(entry[2]):
                 retries.append(entry)
             else:
-                dropped.append(entry[2])
+                retried.append(entry[2])
         heapq.heapify(retries)
         self._retries = retries
-        self.depth -= len(dropped)
-        return dropped
+        self.depth -= len(retried)
+        return dropped + retried
 
     def take_queued(self, select: Callable[[Request], bool]) -> list[Request]:
         """Remove and return the queued (not retrying) requests ``select`` picks, in order."""
