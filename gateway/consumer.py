@@ -316,7 +316,7 @@ class Intake:
             return True
         if tracker.topic == self._s.requests_high_topic:
             req.priority = Priority.HIGH
-        lane = self._lanes.lane(req.app_id)
+        lane = self._lanes.lane(req.app_id, req.project_id)
         if req.priority is not Priority.HIGH and (
             self.spill.spilling(req.app_id) or lane.depth >= self.read_ahead(lane)
         ):
@@ -403,7 +403,7 @@ class Intake:
             # finished beyond the commit: sent again after a crash wherever the broker
             # keeps no commit metadata.
             requests = self._s.requests_topic
-            lane = self._lanes.lane(app_id)
+            lane = self._lanes.lane(app_id, req.project_id)
             moving = [
                 *lane.take_queued(
                     lambda r: (
