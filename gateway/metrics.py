@@ -331,6 +331,11 @@ class Metrics:
             "Nonces the webhook remembers against replays (at most webhook_nonce_cache_size).",
             registry=r,
         )
+        self.webhook_nonce_fallbacks = Counter(
+            "gateway_webhook_nonce_fallbacks",
+            "Callbacks whose nonce only this replica's cache checked: Redis did not answer.",
+            registry=r,
+        )
 
     def _operations(self, r: CollectorRegistry) -> None:
         """Whether the gateway can send at all: token, holds, readiness."""

@@ -6,6 +6,14 @@ official SDKs compute it: base64 HMAC-SHA256 of ``body.nonce.timestamp`` with
 the webhook secret, compared in constant time (401), a JSON object body (400),
 and a nonce already seen within the window (401, replay).
 
+Nonces: each replica remembers the nonces it accepted (``webhook_nonce_cache_size``
+at most). With ``redis_url`` set, a nonce is also claimed in Redis with ``SET
+<prefix><nonce> 1 NX EX <2 x webhook_max_age_s>``, so a replay sent to another
+replica is refused too. Redis unreachable: the replica's own cache decides alone
+(logged once, counted in ``gateway_webhook_nonce_fallbacks``), and Redis is
+asked again after a few seconds; a replay of a nonce accepted meanwhile is then
+refused only by the replica that accepted it.
+
 Secrets: a Sinch app has up to 5 webhooks, each with its own secret. The
 callback's ``app_id`` (in its body) selects the secrets of that app
 (``webhook_secrets``), tried first; ``webhook_secret`` and
@@ -42,19 +50,24 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import orjson
 from aiohttp import web
 from aiokafka.errors import KafkaError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from gateway.envelope import request_id_in
 from gateway.settings import Secret, Settings
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
     from prometheus_client import Counter
 
     from gateway.metrics import Metrics
@@ -98,6 +111,9 @@ DELIVERY_STATUSES: Final = frozenset(
 _MAX_NONCE: Final = 256
 _MAX_TIMESTAMP: Final = 12
 _OK: Final = b'{"status":"ok"}'
+NONCE_PREFIX: Final = "sinch-gateway:nonce:"
+# after Redis failed to answer, nonces are checked locally only for this long
+_REDIS_RETRY_S: Final = 5.0
 
 
 def sign(secret: str, body: bytes, nonce: str, timestamp: str) -> str:
@@ -150,6 +166,99 @@ class BoundedTtlMap:
         return len(self._items)
 
 
+def nonce_redis(settings: Settings) -> aioredis.Redis | None:
+    """The client of the shared nonce cache when ``redis_url`` is set; the caller closes it.
+
+    No retries inside the client: a callback must not wait for Redis, the local cache
+    answers meanwhile.
+    """
+    if settings.redis_url is None:
+        return None
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(
+        settings.redis_url.reveal(),
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+Claim = Literal["replay", "local", "shared"]
+
+
+class Nonces:
+    """Nonces seen within their window: in this replica, and in Redis for the group.
+
+    ``claim`` holds a new nonce (where: ``local`` or also ``shared``) or says
+    ``replay``; ``release`` forgets a held one (its event was not stored, so the
+    retry must be accepted).
+    """
+
+    __slots__ = ("_down_since", "_local", "_on_fallback", "_prefix", "_redis", "_ttl")
+
+    def __init__(
+        self,
+        local: BoundedTtlMap,
+        ttl_s: float,
+        redis: aioredis.Redis | None,
+        *,
+        prefix: str = NONCE_PREFIX,
+        on_fallback: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._local = local
+        self._ttl = max(1, math.ceil(ttl_s))
+        self._redis = redis
+        self._prefix = prefix
+        self._on_fallback = on_fallback
+        self._down_since: float | None = None  # loop time of the failure, while down
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+    async def claim(self, nonce: str) -> Claim:
+        local = self._local
+        if local.get(nonce) is not None:
+            return "replay"
+        # held here before Redis is asked: a concurrent copy on this replica is a replay
+        local.put(nonce, "")
+        redis = self._redis
+        if redis is None:
+            return "local"
+        now = asyncio.get_running_loop().time()
+        down = self._down_since
+        if down is not None and now - down < _REDIS_RETRY_S:
+            self._on_fallback()
+            return "local"
+        try:
+            fresh = await redis.set(self._prefix + nonce, b"1", nx=True, ex=self._ttl)
+        except (RedisError, OSError) as exc:
+            if down is None:
+                log.warning(
+                    "webhook nonces: redis unreachable (%s): checking replays in this "
+                    "replica only until it answers",
+                    type(exc).__name__,
+                )
+            self._down_since = now
+            self._on_fallback()
+            return "local"
+        if down is not None:
+            self._down_since = None
+            log.info("webhook nonces: redis answers again, replays checked group-wide")
+        if not fresh:
+            local.discard(nonce)  # held by another replica, which may yet release it
+            return "replay"
+        return "shared"
+
+    async def release(self, nonce: str, claim: Claim) -> None:
+        self._local.discard(nonce)
+        if claim == "shared" and self._redis is not None:
+            try:
+                await self._redis.delete(self._prefix + nonce)
+            except (RedisError, OSError):
+                log.warning("webhook nonces: a released nonce stays in redis until it expires")
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"code": status, "message": message}}, status=status)
 
@@ -168,7 +277,10 @@ class WebhookReceiver:
         *,
         clock: Callable[[], float] = time.time,
         publish_timeout_s: float = 10.0,
+        redis: aioredis.Redis | None = None,
+        nonce_prefix: str = NONCE_PREFIX,
     ) -> None:
+        """``redis``: the group's nonce cache (:func:`nonce_redis`), owned by the caller."""
         self._s = settings
         self._m = metrics
         self._clock = clock
@@ -187,7 +299,14 @@ class WebhookReceiver:
         # A timestamp is accepted up to max_age after it, and it can arrive up
         # to max_age before it: a nonce must be remembered that long after receipt.
         # Past webhook_nonce_cache_size the oldest go first (memory stays bounded).
-        self._nonces = BoundedTtlMap(settings.webhook_nonce_cache_size, 2 * self._max_age, clock)
+        local = BoundedTtlMap(settings.webhook_nonce_cache_size, 2 * self._max_age, clock)
+        self._nonces = Nonces(
+            local,
+            2 * self._max_age,
+            redis,
+            prefix=nonce_prefix,
+            on_fallback=metrics.webhook_nonce_fallbacks.inc,
+        )
         metrics.webhook_nonces.set_function(self._nonces.__len__)
         self._sent = BoundedTtlMap(settings.status_map_size, settings.status_map_ttl_s, clock)
         self._publisher: Publisher | None = None
@@ -292,16 +411,16 @@ class WebhookReceiver:
             self._count(trigger, "unavailable")
             return _error(503, "not ready")
         nonce = request.headers[NONCE]
-        if self._nonces.get(nonce) is not None:
+        claim = await self._nonces.claim(nonce)
+        if claim == "replay":
             self._count(trigger, "replayed")
             return _error(401, "nonce replayed")
-        self._nonces.put(nonce, "")
         try:
             async with asyncio.timeout(self._publish_timeout):
                 result = await self._publish(publisher, doc, body, field, trigger)
         except (KafkaError, OSError, TimeoutError, RuntimeError) as exc:
             # RuntimeError: the publisher was stopped (shutdown) under us.
-            self._nonces.discard(nonce)
+            await self._nonces.release(nonce, claim)
             self._count(trigger, "kafka_error")
             log.warning("webhook event not published (%s): answering 503", type(exc).__name__)
             return _error(503, "event not stored; retry later")
