@@ -37,7 +37,8 @@ DEPLOY_ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 CHART_ALERTS = CHART / "files" / "alerts.yml"
 KUBE_VERSION = "1.30.0"  # kubeVersion floor in Chart.yaml is 1.25; 1.30 has schemas shipped
 CRD_GROUP = "monitoring.coreos.com/"
-# Settings the chart sets itself (ports, secrets as *_FILE), not through .Values.config.
+# Settings the chart sets itself (ports, secrets as *_FILE, redis_url), not through
+# .Values.config: a secret never goes into the ConfigMap.
 CHART_MANAGED = {
     "http_host",
     "http_port",
@@ -46,7 +47,13 @@ CHART_MANAGED = {
     "webhook_secret",
     "webhook_secret_previous",
     "kafka_sasl_password",
+    "webhook_secrets",
     "redis_url",
+}
+# What a mounted Secret key holds, by variable (any other: an opaque demo string).
+SECRET_FILE_TEXT = {
+    "GATEWAY_WEBHOOK_SECRETS_FILE": "app-1=demo-hook-1\napp-2=demo-hook-2\n",
+    "GATEWAY_REDIS_URL_FILE": "redis://:demo-password@redis.example.com:6379/0\n",
 }
 RELEASE = "sg"
 NAMESPACE = "messaging"
@@ -74,7 +81,16 @@ def full_values() -> dict[str, Any]:
     return dict(yaml.safe_load(FULL_VALUES.read_text()))
 
 
-VALUE_SETS = {"default": lambda: None, "full": full_values}
+def external_redis_values() -> dict[str, Any]:
+    """The default values plus an external Redis whose URL is a key of its own Secret."""
+    return {
+        "redis": {"external": {"existingSecret": "redis-credentials", "urlKey": "url"}},
+        "secrets": {"webhookSecretsKey": "webhook-secrets"},
+    }
+
+
+# default: no Redis (partition share); full: the in-chart Redis; external-redis: a URL.
+VALUE_SETS = {"default": lambda: None, "full": full_values, "external-redis": external_redis_values}
 
 
 @pytest.fixture(scope="module")
@@ -98,16 +114,31 @@ def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
     return docs
 
 
-def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+def by_kind(docs: list[dict[str, Any]], kind: str, component: str = "gateway") -> dict[str, Any]:
+    """The one ``kind`` of ``component`` (gateway, or limiter: the in-chart Redis)."""
+    found = [
+        d
+        for d in docs
+        if d["kind"] == kind and d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    assert len(found) == 1, f"expected one {kind} of {component}, got {len(found)}"
     return found[0]
 
 
-def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    spec = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+def container(docs: list[dict[str, Any]], component: str = "gateway") -> dict[str, Any]:
+    spec = by_kind(docs, "Deployment", component)["spec"]["template"]["spec"]
     (only,) = spec["containers"]
     return dict(only)
+
+
+def secret_sources(pod: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Secret name → {key: mounted file name} of the pod's projected ``secrets`` volume."""
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "secrets"]
+    out: dict[str, dict[str, str]] = {}
+    for source in volume["projected"]["sources"]:
+        secret = source["secret"]
+        out.setdefault(secret["name"], {}).update({i["key"]: i["path"] for i in secret["items"]})
+    return out
 
 
 def settings_fields() -> dict[str, Any]:
@@ -152,6 +183,18 @@ def test_lint_reports_a_broken_value() -> None:
         ({"secrets": {"existingSecret": ""}}, "/secrets/existingSecret"),
         ({"securityContext": {"readOnlyRootFilesystem": False}}, "readOnlyRootFilesystem"),
         ({"ports": {"http": "8080"}}, "/ports/http"),
+        # secrets and their URL never go into values or the ConfigMap
+        ({"config": {"redis_url": "redis://r:6379/0"}}, "redis_url"),
+        ({"config": {"webhook_secrets": {"app-1": ["s"]}}}, "webhook_secrets"),
+        ({"redis": {"external": {"url": "redis://r:6379/0"}}}, "url"),
+        ({"redis": {"enabled": "yes"}}, "/redis/enabled"),
+        ({"redis": {"external": {"urlKey": "a/b"}}}, "/redis/external/urlKey"),
+        ({"redis": {"external": {"existingSecret": "Redis_Creds"}}}, "existingSecret"),
+        ({"redis": {"maxmemory": "64MiB"}}, "/redis/maxmemory"),
+        ({"redis": {"image": {"tag": ""}}}, "/redis/image/tag"),
+        ({"redis": {"port": 0}}, "/redis/port"),
+        ({"secrets": {"webhookSecretsKey": "hooks/app"}}, "/secrets/webhookSecretsKey"),
+        ({"podDisruptionBudget": {"enabled": "no"}}, "/podDisruptionBudget/enabled"),
     ],
 )
 def test_schema_refuses_wrong_values_at_install(
@@ -219,11 +262,12 @@ def test_rendered_manifests_validate_strictly(chart: Any, which: str, tmp_path: 
         ln for ln in lines if not ln.startswith("INFO") and "monitoring.coreos.com" not in ln
     ]
     assert unexpected == []
-    kinds = {d["kind"] for d in docs}
-    expected = {"ConfigMap", "Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"}
+    kinds = sorted(d["kind"] for d in docs)
+    expected = ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"]
     if which == "full":
-        expected |= {"Ingress", "ServiceMonitor", "PrometheusRule"}
-    assert kinds == expected
+        # and the in-chart Redis: a Deployment and a Service
+        expected += ["Deployment", "Ingress", "PrometheusRule", "Service", "ServiceMonitor"]
+    assert kinds == sorted(expected)
 
 
 def test_kubernetes_validate_refuses_an_unknown_field(chart: Any, tmp_path: Path) -> None:
@@ -286,7 +330,7 @@ def test_gateway_loads_the_rendered_config(chart: Any, which: str, tmp_path: Pat
         if name == "GATEWAY_CONFIG":
             value = str(toml)
         elif name.endswith("_FILE"):
-            secrets[name] = f"demo-{name.lower()}"
+            secrets[name] = SECRET_FILE_TEXT.get(name, f"demo-{name.lower()}").strip()
             path = tmp_path / Path(value).name
             path.write_text(secrets[name] + "\n")
             value = str(path)
@@ -300,7 +344,21 @@ def test_gateway_loads_the_rendered_config(chart: Any, which: str, tmp_path: Pat
     assert settings.kafka_bootstrap == merged["config"]["kafka_bootstrap"]
     grace = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= settings.shutdown_timeout_s + 5
+    if which == "default":
+        assert settings.redis_url is None  # each replica takes its partitions' share
+        assert settings.webhook_secrets == {}
+    else:
+        assert settings.webhook_secrets == {
+            "app-1": (Secret("demo-hook-1"),),
+            "app-2": (Secret("demo-hook-2"),),
+        }
+    if which == "external-redis":
+        assert settings.redis_url == Secret(secrets["GATEWAY_REDIS_URL_FILE"])
     if which == "full":
+        redis_service = by_kind(docs, "Service", "limiter")["metadata"]["name"]
+        assert settings.redis_url == Secret(f"redis://{redis_service}:6380/0")
+        assert settings.limiter_max_batch == 16
+        assert settings.limiter_batch_horizon_s == 0.2
         settings.require_credentials()
         assert settings.kafka_sasl_password == Secret(secrets["GATEWAY_KAFKA_SASL_PASSWORD_FILE"])
         assert settings.apps["marketing-app"].rate == 100.0
@@ -309,6 +367,115 @@ def test_gateway_loads_the_rendered_config(chart: Any, which: str, tmp_path: Pat
         assert settings.max_buffered_bytes == 67108864
         assert settings.create_topics is False
         assert settings.region == "eu"
+
+
+def test_two_replicas_and_a_disruption_budget_by_default(chart: Any) -> None:
+    """A voluntary disruption (node drain, cluster upgrade) takes one gateway pod at a
+    time, and never the in-chart Redis's pod for the gateway's sake."""
+    docs = manifests(render(chart, {"redis": {"enabled": True}}))
+    deployment = by_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    pdb = by_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in pdb["spec"]
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    assert selector == deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    redis_pod = by_kind(docs, "Deployment", "limiter")["spec"]["template"]["metadata"]
+    assert not selector.items() <= redis_pod["labels"].items()
+    # minAvailable, when set, replaces maxUnavailable; disabled, no budget at all.
+    pdb = by_kind(manifests(render(chart, full_values())), "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 2
+    assert "maxUnavailable" not in pdb["spec"]
+    pdb = by_kind(
+        manifests(render(chart, {"podDisruptionBudget": {"minAvailable": "50%"}})),
+        "PodDisruptionBudget",
+    )
+    assert pdb["spec"]["minAvailable"] == "50%"
+    docs = manifests(render(chart, {"podDisruptionBudget": {"enabled": False}}))
+    assert [d for d in docs if d["kind"] == "PodDisruptionBudget"] == []
+
+
+def redis_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container(docs)["env"] if "REDIS" in e["name"]}
+
+
+def test_without_redis_each_replica_takes_its_partition_share(chart: Any) -> None:
+    docs = manifests(render(chart, None))
+    assert redis_env(docs) == {}
+    assert [
+        d for d in docs if d["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway"
+    ] == []
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    assert "redis_url" not in {p for items in secret_sources(pod).values() for p in items.values()}
+    assert "no Redis: each paces the share" in render(chart, None)["NOTES.txt"]
+
+
+def test_in_chart_redis_serves_the_gateway(chart: Any, tmp_path: Path) -> None:
+    """redis.enabled: one Redis pod without persistence, locked down, replaced (never
+    doubled), behind a Service the gateway's GATEWAY_REDIS_URL names."""
+    docs = manifests(render(chart, {"redis": {"enabled": True}}))
+    deployment = by_kind(docs, "Deployment", "limiter")
+    service = by_kind(docs, "Service", "limiter")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    c = container(docs, "limiter")
+    assert c["image"] == "redis:7.4-alpine"
+    args = c["args"]
+    assert args[0] == "redis-server"
+    pairs = dict(zip(args[1::2], args[2::2], strict=True))
+    assert pairs["--save"] == ""
+    assert pairs["--appendonly"] == "no"
+    assert pairs["--port"] == "6379"
+    assert pairs["--maxmemory"] == "64mb"
+    assert c["resources"]["requests"]
+    assert c["resources"]["limits"]["memory"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["spec"]["enableServiceLinks"] is False
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == c["ports"][0]["name"]
+    env = redis_env(docs)
+    assert env == {"GATEWAY_REDIS_URL": f"redis://{service['metadata']['name']}:{port['port']}/0"}
+    settings = load(env={"GATEWAY_REDIS_URL": env["GATEWAY_REDIS_URL"]})
+    assert settings.redis_url == Secret(env["GATEWAY_REDIS_URL"])
+    assert (
+        "share one exact cap through the in-chart Redis"
+        in render(chart, {"redis": {"enabled": True}})["NOTES.txt"]
+    )
+
+
+@pytest.mark.parametrize("own_secret", [False, True])
+def test_external_redis_url_comes_from_a_secret_file(chart: Any, own_secret: bool) -> None:
+    """redis.external.urlKey: the URL (it may hold a password) is a key of the chart's
+    Secret or of its own, mounted as a file named by GATEWAY_REDIS_URL_FILE."""
+    external = {"urlKey": "redis-url"} | (
+        {"existingSecret": "redis-credentials"} if own_secret else {}
+    )
+    docs = manifests(render(chart, {"redis": {"external": external}}))
+    assert [
+        d for d in docs if d["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway"
+    ] == []
+    env = redis_env(docs)
+    assert list(env) == ["GATEWAY_REDIS_URL_FILE"]
+    path = Path(env["GATEWAY_REDIS_URL_FILE"])
+    pod = by_kind(docs, "Deployment")["spec"]["template"]["spec"]
+    sources = secret_sources(pod)
+    owner = "redis-credentials" if own_secret else "sinch-gateway"
+    assert sources[owner]["redis-url"] == path.name
+    assert sorted(sources) == sorted({"sinch-gateway", owner})
+    mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
+    assert mounts["secrets"] == str(path.parent)
+    # The URL is nowhere in the rendered manifests, only its Secret's name and key.
+    assert "redis://" not in yaml.safe_dump_all(docs)
+
+
+def test_in_chart_and_external_redis_together_are_refused(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"redis\.enabled and redis\.external\.urlKey"):
+        render(chart, {"redis": {"enabled": True, "external": {"urlKey": "redis-url"}}})
 
 
 def test_grace_period_shorter_than_the_drain_is_refused(chart: Any) -> None:
@@ -341,10 +508,11 @@ def test_deployment_runs_locked_down_with_probes(chart: Any, which: str) -> None
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]  # noqa: S108 - the pod's /tmp, not ours
-    secret = volumes["secrets"]["secret"]
     merged = chart.merge_values(VALUE_SETS[which]())
-    assert secret["secretName"] == merged["secrets"]["existingSecret"]
-    mounted = {i["path"] for i in secret["items"]}
+    sources = secret_sources(pod)
+    assert merged["secrets"]["existingSecret"] in sources
+    mounted = [path for items in sources.values() for path in items.values()]
+    assert len(mounted) == len(set(mounted))
     env = {e["name"]: e["value"] for e in c["env"]}
     for var, value in env.items():
         if var.endswith("_FILE"):
@@ -388,7 +556,8 @@ def test_gateway_starts_with_service_links_of_a_release_named_gateway(
 ) -> None:
     """Were service links on (an older chart, or a pod of another chart in the
     namespace), `helm install gateway` gives GATEWAY_SINCH_GATEWAY_* variables, and
-    a Service named gateway GATEWAY_PORT=tcp://...: the gateway still starts, quietly."""
+    a Service named gateway GATEWAY_PORT=tcp://... (its Redis, gateway-redis,
+    GATEWAY_REDIS_PORT=tcp://...): the gateway still starts, quietly."""
     values = full_values()
     values["fullnameOverride"] = service_name or ""
     out = chart.render(values, name="gateway", namespace=NAMESPACE, is_install=True)
@@ -396,8 +565,11 @@ def test_gateway_starts_with_service_links_of_a_release_named_gateway(
     service = by_kind(docs, "Service")
     expected = service_name or "gateway-sinch-gateway"
     assert service["metadata"]["name"] == expected
-    links = service_link_env(service)
+    redis = by_kind(docs, "Service", "limiter")
+    assert redis["metadata"]["name"] == f"{expected}-redis"
+    links = {**service_link_env(redis, "10.0.0.2"), **service_link_env(service)}
     assert f"{expected.upper().replace('-', '_')}_PORT" in links
+    assert f"{expected.upper().replace('-', '_')}_REDIS_PORT" in links
     assert all(var.startswith("GATEWAY_") for var in links)
     toml = tmp_path / "gateway.toml"
     toml.write_text(by_kind(docs, "ConfigMap")["data"]["gateway.toml"])
@@ -410,6 +582,7 @@ def test_gateway_starts_with_service_links_of_a_release_named_gateway(
     settings = load(env=env, require_credentials=True)
     assert settings.http_port == 8080
     assert settings.webhook_port == 8443
+    assert settings.redis_url == Secret(f"redis://{expected}-redis:6380/0")
     assert caplog.records == []
 
 

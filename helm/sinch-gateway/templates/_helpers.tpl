@@ -70,6 +70,33 @@ Render-time checks the schema cannot express.
 {{- if and .Values.ports.webhook (eq (int .Values.ports.webhook) (int .Values.ports.http)) }}
 {{- fail "ports.webhook must differ from ports.http (or be null to share the admin port)" }}
 {{- end }}
+{{- if and .Values.redis.enabled .Values.redis.external.urlKey }}
+{{- fail "redis.enabled and redis.external.urlKey both set: choose the in-chart Redis or an external one" }}
+{{- end }}
+{{- end }}
+
+{{/* The in-chart Redis (redis.enabled): its Deployment and Service. */}}
+{{- define "sinch-gateway.redisName" -}}
+{{- printf "%s-redis" (include "sinch-gateway.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "sinch-gateway.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "sinch-gateway.name" . }}-redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "sinch-gateway.redisLabels" -}}
+helm.sh/chart: {{ include "sinch-gateway.chart" . }}
+{{ include "sinch-gateway.redisSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.redis.image.tag | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: limiter
+app.kubernetes.io/part-of: {{ include "sinch-gateway.name" . }}
+{{- end }}
+
+{{/* The Secret holding the external Redis URL: its own, or the chart's existingSecret. */}}
+{{- define "sinch-gateway.redisSecret" -}}
+{{- default .Values.secrets.existingSecret .Values.redis.external.existingSecret }}
 {{- end }}
 
 {{/*
