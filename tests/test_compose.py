@@ -60,8 +60,14 @@ def published(service: dict[str, Any]) -> list[tuple[str, int, int]]:
     return out
 
 
-def gateway_settings(services: dict[str, Any]) -> Settings:
-    return load(env=env_of(services["gateway"]))
+def gateway_names(services: dict[str, Any]) -> list[str]:
+    """The services that run ``gateway run`` (the replicas)."""
+    return sorted(n for n, s in services.items() if s.get("command") == ["run"])
+
+
+def gateway_settings(services: dict[str, Any], name: str = "gateway") -> Settings:
+    """A gateway's settings, as its own loader reads its environment at startup."""
+    return load(env=env_of(services[name]))
 
 
 def simulator_args(services: dict[str, Any]) -> Any:
@@ -72,6 +78,8 @@ def simulator_args(services: dict[str, Any]) -> Any:
 
 def test_expected_services(services: dict[str, Any]) -> None:
     assert {"kafka", "kafka-init", "gateway", "simulator", "prometheus", "grafana"} <= set(services)
+    assert {"redis", "gateway-2"} <= set(services)
+    assert gateway_names(services) == ["gateway", "gateway-2"]
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
 
@@ -112,14 +120,17 @@ def test_published_ports_stay_on_loopback(services: dict[str, Any]) -> None:
             assert host == "127.0.0.1", f"{name} publishes on {host}"
 
 
-def test_gateway_environment_is_exactly_what_the_gateway_reads(services: dict[str, Any]) -> None:
-    env = env_of(services["gateway"])
+@pytest.mark.parametrize("name", ["gateway", "gateway-2"])
+def test_gateway_environment_is_exactly_what_the_gateway_reads(
+    services: dict[str, Any], name: str
+) -> None:
+    env = env_of(services[name])
     names = {f.name for f in dataclasses.fields(Settings)}
     known = {f"GATEWAY_{n.upper()}" for n in names} | {"GATEWAY_CONFIG"}
     known |= {f"GATEWAY_{n.upper()}_FILE" for n in names}
     unknown = sorted(set(env) - known)
     assert unknown == [], f"the gateway would refuse these at startup: {unknown}"
-    settings = gateway_settings(services)
+    settings = gateway_settings(services, name)
     settings.require_credentials()
     assert settings.webhook_secret is not None
     assert settings.create_topics is False  # kafka-init creates them
@@ -165,22 +176,60 @@ def test_kafka_init_creates_the_gateway_topics(services: dict[str, Any]) -> None
     settings = gateway_settings(services)
     wanted = {
         settings.requests_topic,
+        settings.requests_high_topic,
         settings.results_topic,
         settings.status_topic,
         settings.dlq_topic,
         settings.events_topic,
     }
     assert created == wanted
+    # The spill topic, with the partitions the gateway would give it.
+    spill = re.search(r"--topic ([\w.-]+) --partitions (\d+)", script)
+    assert spill is not None
+    assert (spill.group(1), int(spill.group(2))) == (
+        settings.spill_topic,
+        settings.spill_partitions,
+    )
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
-    gateway_waits = services["gateway"]["depends_on"]["kafka-init"]["condition"]
-    assert gateway_waits == "service_completed_successfully"
+    for name in gateway_names(services):
+        gateway_waits = services[name]["depends_on"]["kafka-init"]["condition"]
+        assert gateway_waits == "service_completed_successfully"
 
 
-def test_stop_grace_outlasts_the_drain(services: dict[str, Any]) -> None:
-    settings = gateway_settings(services)
-    grace = services["gateway"]["stop_grace_period"]
+@pytest.mark.parametrize("name", ["gateway", "gateway-2"])
+def test_stop_grace_outlasts_the_drain(services: dict[str, Any], name: str) -> None:
+    settings = gateway_settings(services, name)
+    grace = services[name]["stop_grace_period"]
     seconds = float(grace.rstrip("s")) if isinstance(grace, str) else float(grace)
     assert seconds >= settings.shutdown_timeout_s + 5
+
+
+def test_replicas_share_one_cap_through_the_redis_service(services: dict[str, Any]) -> None:
+    """Both gateways are one consumer group with one project, and draw from one Redis:
+    the redis service, without persistence, healthy before they start."""
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:")
+    argv = shlex.split(redis["command"]) if isinstance(redis["command"], str) else redis["command"]
+    assert argv[0] == "redis-server"
+    options = dict(zip(argv[1::2], argv[2::2], strict=True))
+    assert options["--save"] == ""
+    assert options["--appendonly"] == "no"
+    assert "redis-cli" in redis["healthcheck"]["test"]
+    replicas = [gateway_settings(services, name) for name in gateway_names(services)]
+    assert len(replicas) == 2
+    for name, settings in zip(gateway_names(services), replicas, strict=True):
+        assert settings.redis_url is not None, name
+        url = urlsplit(settings.redis_url.reveal())
+        assert (url.scheme, url.hostname, url.port) == ("redis", "redis", 6379), name
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    first = replicas[0]
+    for other in replicas[1:]:
+        assert other.redis_url == first.redis_url
+        assert other.redis_key_prefix == first.redis_key_prefix
+        assert (other.group_id, other.requests_topic) == (first.group_id, first.requests_topic)
+        assert (other.project_id, other.project_rate) == (first.project_id, first.project_rate)
+    admin = [port for name in gateway_names(services) for _, port, _ in published(services[name])]
+    assert len(admin) == len(set(admin)), f"two gateways publish the same host port: {admin}"
 
 
 def test_prometheus_scrapes_the_services_of_this_stack(services: dict[str, Any]) -> None:
