@@ -252,9 +252,27 @@ def test_new_alerts_watch_outputs_progress_and_the_project() -> None:
             "sum by (job) (gateway_spill_lag)",
             "max by (job) (gateway_spill_lag)",
         ),
+        # a replica on local buckets (no redis_url) exports gateway_shared_limiter_up 0 too
+        (
+            "GatewaySharedLimiterDown",
+            "gateway_shared_limiter_up == 0 and gateway_shared_limiter_failures > 0",
+            "gateway_shared_limiter_up == 0",
+        ),
+        # the storm is spread over three replicas: none alone passes 10
+        (
+            "GatewayRebalanceStorm",
+            "sum by (job) (increase(gateway_rebalances_total",
+            "max by (job) (increase(gateway_rebalances_total",
+        ),
+        # assignments are not revocations: the EU job is assigned partitions 3 times a minute
+        (
+            "GatewayRebalanceStorm",
+            'gateway_rebalances_total{event="revoked"}[10m]',
+            "gateway_rebalances_total[10m]",
+        ),
     ],
 )
-def test_promtool_test_rules_tells_the_queue_alerts_from_look_alikes(
+def test_promtool_test_rules_tells_alerts_from_look_alikes(
     tmp_path: Path, alert: str, old: str, new: str
 ) -> None:
     rules = ALERTS.read_text()
@@ -284,6 +302,23 @@ def test_queue_alerts_watch_sinch_queues_and_the_spill_topic() -> None:
     assert spill["expr"].strip() == "sum by (job) (gateway_spill_lag) > 100000"
     assert spill["for"] == "30m"
     assert spill["labels"]["severity"] == "warning"
+
+
+def test_replica_alerts_watch_the_shared_limiter_and_revocations() -> None:
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    down = rules["GatewaySharedLimiterDown"]
+    assert down["expr"].strip() == (
+        "gateway_shared_limiter_up == 0 and gateway_shared_limiter_failures > 0"
+    )
+    assert down["for"] == "1m"
+    assert down["labels"]["severity"] == "critical"
+    assert "limiter check" in down["annotations"]["description"]
+    storm = rules["GatewayRebalanceStorm"]
+    assert storm["expr"].strip() == (
+        'sum by (job) (increase(gateway_rebalances_total{event="revoked"}[10m])) > 10'
+    )
+    assert storm["for"] == "5m"
+    assert storm["labels"]["severity"] == "warning"
 
 
 # -- Grafana -------------------------------------------------------------------------
@@ -422,6 +457,53 @@ def test_isolation_and_sinch_queues_row_shows_spill_and_app_resource_metrics() -
         "gateway_app_rate_source",
     ):
         assert 'app_id=~"$app"' in exprs(metric), metric
+
+
+def test_replicas_and_rebalances_row_shows_rebalances_and_the_shared_limiter() -> None:
+    panels = row_panels("Replicas and rebalances")
+    by_metric = {name: p for p in panels for t in p["targets"] for name in metric_names(t["expr"])}
+    assert set(by_metric) == {
+        "gateway_rebalances_total",
+        "gateway_revoke_duration_seconds_bucket",
+        "gateway_revoke_handed_back_records_total",
+        "gateway_assignment_to_first_send_seconds_bucket",
+        "gateway_shared_limiter_up",
+        "gateway_shared_limiter_failures",
+        "gateway_shared_limiter_roundtrip_seconds_bucket",
+        "gateway_shared_limiter_slots_drawn",
+        "gateway_shared_limiter_roundtrips",
+    }
+    assert len(panels) == 8
+    assert {p["type"] for p in panels} == {"timeseries"}
+
+    def exprs(title: str) -> list[str]:
+        return [t["expr"] for p in panels if p["title"] == title for t in p["targets"]]
+
+    # per minute, whatever $__rate_interval is
+    assert exprs("Rebalances /min by event") == [
+        'sum by (event) (rate(gateway_rebalances_total{job=~"$job", instance=~"$instance"}'
+        "[$__rate_interval])) * 60"
+    ]
+    assert re.search(
+        r"sum by \(instance\) \(rate\(.*\)\) \* 60", *exprs("Records handed back /min")
+    )
+    quantiles = {
+        "Revoke duration": ["0.5", "0.99"],
+        "Assignment to first send": ["0.99"],
+        "Shared limiter round trip": ["0.5", "0.99"],
+    }
+    for title, qs in quantiles.items():
+        found = [
+            re.match(r"histogram_quantile\(([\d.]+), sum by \(le\) \(rate\(", e)
+            for e in exprs(title)
+        ]
+        assert [m.group(1) for m in found if m] == qs, title
+    # replicas on local buckets export up 0 and never fail: they are left out, not shown down
+    (up,) = exprs("Shared limiter up")
+    assert up.startswith("min by (instance) (gateway_shared_limiter_up{")
+    assert re.search(r"gateway_shared_limiter_failures\{[^}]*\} > 0", up)
+    for title in ("Slots drawn and round trips /s", "Shared limiter failures /s"):
+        assert all(e.startswith("sum by (instance) (rate(") for e in exprs(title)), title
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_dir() -> None:
