@@ -163,11 +163,11 @@ def figures(
 
 
 async def backlog_and_simulator(
-    bootstrap: str, mix: Mix, seed: int
+    bootstrap: str, mix: Mix, seed: int, spill_partitions: int = 24
 ) -> tuple[str, int, subprocess.Popen[bytes]]:
     """Fresh topics holding the mix's backlog, and a strict simulator for it."""
     tag = uuid.uuid4().hex[:8]
-    await make_topics(bootstrap, tag)
+    await make_topics(bootstrap, tag, spill_partitions=spill_partitions)
     await publish_backlog(bootstrap, f"req-{tag}", mix.counts, seed)
     sim_port = free_port()
     rates = ("--app-rate", str(mix.app_rate), "--project-rate", str(mix.project_rate))
@@ -175,11 +175,18 @@ async def backlog_and_simulator(
 
 
 async def run_gateway(
-    bootstrap: str, mix: Mix, seed: int, timeline: bool = False, lane_horizon_s: float = 0
+    bootstrap: str,
+    mix: Mix,
+    seed: int,
+    timeline: bool = False,
+    lane_horizon_s: float = 0,
+    spill_partitions: int = 24,
 ) -> dict[str, Any]:
-    tag, sim_port, sim = await backlog_and_simulator(bootstrap, mix, seed)
+    tag, sim_port, sim = await backlog_and_simulator(bootstrap, mix, seed, spill_partitions)
     http_port = free_port()
-    extra = {"lane_horizon_s": lane_horizon_s} if lane_horizon_s else {}
+    extra: dict[str, object] = {"spill_partitions": spill_partitions}
+    if lane_horizon_s:
+        extra["lane_horizon_s"] = lane_horizon_s
     env = gateway_env(
         bootstrap,
         sim_port,
@@ -428,6 +435,7 @@ async def main() -> None:
     p.add_argument(
         "--lane-horizon", type=float, default=0, help="the gateway's lane_horizon_s (0: default)"
     )
+    p.add_argument("--spill-partitions", type=int, default=24, help="partitions of the spill topic")
     p.add_argument("--only", help="run only the mixes whose name contains this")
     p.add_argument("--scale", type=float, default=1.0, help="backlog of mix (a) times this")
     ns = p.parse_args()
@@ -449,7 +457,12 @@ async def main() -> None:
             if ns.only and ns.only not in mix.name:
                 continue
             gw = await run_gateway(
-                broker.bootstrap, mix, seed=i, timeline=ns.timeline, lane_horizon_s=ns.lane_horizon
+                broker.bootstrap,
+                mix,
+                seed=i,
+                timeline=ns.timeline,
+                lane_horizon_s=ns.lane_horizon,
+                spill_partitions=ns.spill_partitions,
             )
             base = await run_baseline(broker.bootstrap, mix, seed=i, seconds=ns.baseline_seconds)
             print_mix(mix, gw, base)

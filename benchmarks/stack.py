@@ -137,7 +137,9 @@ async def gateway_metric(http: aiohttp.ClientSession, port: int, name: str) -> f
     return total
 
 
-async def make_topics(bootstrap: str, tag: str, partitions: int = 6) -> None:
+async def make_topics(
+    bootstrap: str, tag: str, partitions: int = 6, spill_partitions: int = 24
+) -> None:
     """The gateway's topics for one run, named by ``tag`` as in :func:`gateway_env`."""
     settings = load(
         env={},
@@ -150,6 +152,7 @@ async def make_topics(bootstrap: str, tag: str, partitions: int = 6) -> None:
         dlq_topic=f"dlq-{tag}",
         events_topic=f"evt-{tag}",
         topic_partitions=partitions,
+        spill_partitions=spill_partitions,
     )
     await ensure_topics(settings)
 
