@@ -1,7 +1,8 @@
 """Drain a backlog through the real gateway against the simulator in strict mode.
 
-    python benchmarks/drain.py              # the three mixes, gateway and baseline side by side
-    python benchmarks/drain.py --memory --apps 1    # 1,000,000 records in Kafka, RSS while draining
+    python -m benchmarks.drain                      # the four mixes, gateway and simple loop
+    python -m benchmarks.drain --only "(b')" --timeline   # one mix, per-second acceptances
+    python -m benchmarks.drain --memory --apps 1    # 1,000,000 records in Kafka, RSS while draining
 
 Each mix publishes its backlog first, then starts the gateway (its own process) and
 measures, from the simulator's records and /proc:
