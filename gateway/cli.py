@@ -107,11 +107,22 @@ async def _send(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _replica_count(text: str) -> int:
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text}: at least 1")
+    return count
+
+
 async def _demo(ns: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     return await run_demo(
-        messages=ns.messages, apps=ns.apps, app_rate=ns.app_rate, project_rate=ns.project_rate
+        messages=ns.messages,
+        apps=ns.apps,
+        app_rate=ns.app_rate,
+        project_rate=ns.project_rate,
+        replicas=ns.replicas,
     )
 
 
@@ -243,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--project-rate", type=float, default=800.0, help="project cap, messages per second"
+    )
+    demo.add_argument(
+        "--replicas",
+        type=_replica_count,
+        default=1,
+        help="gateway replicas in one consumer group, each with its own admin port; several "
+        "share one project cap through a local redis-server when one is on the PATH, "
+        "else each paces its partitions' share",
     )
     return parser
 
