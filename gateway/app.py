@@ -385,11 +385,10 @@ class Gateway:
 
     def _shares(self, lanes: Lanes, intake: Intake) -> Shares:
         """Shares of the project cap among the busy apps, while it binds."""
-        margin = self.settings.rate_margin
-
-        # Shares are paces: they add up to just under the project bucket's own pace, so
-        # that the project bucket seldom has to queue the apps (a wait there costs an
-        # app bucket its slot)
+        # Shares are computed on rates, so that they apply only when the busy apps'
+        # rates add up to more than the project's; each becomes a ceiling just under
+        # the share, so that the project bucket seldom has to queue the apps (a wait
+        # there costs an app bucket its slot)
         main = self.settings.project_id
 
         def groups() -> list[tuple[float, list[Demand]]]:
@@ -398,20 +397,21 @@ class Gateway:
             for app_id, lane in lanes.lanes.items():
                 backlog = lane.depth + outstanding.get(app_id, 0)
                 if backlog > 0:
-                    pace = lane.bucket.rate * lane.bucket.factor * (1 - margin)
+                    rate = lane.bucket.rate * lane.bucket.factor
                     project = lane.project or main
-                    by_project.setdefault(project, []).append(Demand(app_id, pace, backlog))
+                    by_project.setdefault(project, []).append(Demand(app_id, rate, backlog))
             buckets = {main: lanes.project_bucket, **lanes.project_buckets}
-            return [
-                (buckets.get(p, lanes.project_bucket).pace * SHARE_HEADROOM, d)
-                for p, d in by_project.items()
-            ]
+            out = []
+            for project, demands in by_project.items():
+                bucket = buckets.get(project, lanes.project_bucket)
+                out.append((bucket.rate * bucket.factor, demands))
+            return out
 
         def apply(shares: dict[str, float]) -> None:
             for app_id, lane in lanes.lanes.items():
-                pace = shares.get(app_id)
+                share = shares.get(app_id)
                 if isinstance(lane.bucket, Bucket):  # a shared bucket paces the whole group
-                    lane.bucket.set_ceiling(None if pace is None else pace / (1 - margin))
+                    lane.bucket.set_ceiling(None if share is None else share * SHARE_HEADROOM)
 
         return Shares(groups=groups, apply=apply)
 

@@ -284,8 +284,15 @@ class Intake:
     # -- taking records ---------------------------------------------------
 
     def read_ahead(self, lane: Lane) -> float:
-        """How many records a lane holds in memory: about ``lane_horizon_s`` of its rate."""
-        return max(float(self._s.lane_min_read_ahead), lane.bucket.pace * self._s.lane_horizon_s)
+        """How many records a lane holds in memory: about ``lane_horizon_s`` of its rate.
+
+        No more than its part of half the record budget, so that many busy apps spill
+        too instead of filling the budget (which would pause every partition).
+        """
+        s = self._s
+        part = 0.5 * s.max_buffered_records / max(1, len(self._lanes.lanes))
+        ahead = min(lane.bucket.pace * s.lane_horizon_s, part)
+        return max(float(s.lane_min_read_ahead), ahead)
 
     def has_room(self, app_id: str) -> bool:
         lane = self._lanes.lanes.get(app_id)
