@@ -506,6 +506,7 @@ class Gateway:
             await lanes.close()
             if not await pipe.outcomes.settle(None, deadline - time.monotonic()):
                 log.warning("some outcomes were not written in time; they are not committed")
+            await pipe.outcomes.close()
             await commit_task
             await intake.commit()
 

@@ -18,22 +18,26 @@ as long as it takes; meanwhile its partition commits nothing past it, a metric
 and an alert show it, and ``/readyz`` turns false after ``outcome_stuck_s``.
 The outputs that were acknowledged are not written again.
 
-Writes run in tasks of their own, so a slow or refusing Kafka never holds a
-Sinch in-flight permit. On revocation the writes of the revoked partitions get
-a bounded time; the ones still unwritten are abandoned (their offsets are not
-committed, so the next owner reads the records again). A ``sent`` ending that
-was abandoned is remembered: when the same record is read again in this
-process it gets its result written, without a second send.
+One writer task hands every ending's outputs to the producer in order, so a
+slow or refusing Kafka never holds a Sinch in-flight permit and a spill of
+thousands of records does not become thousands of tasks. On revocation the
+writes of the revoked partitions get a bounded time; the ones still unwritten
+are abandoned (their offsets are not committed, so the next owner reads the
+records again). A ``sent`` ending that was abandoned is remembered: when the
+same record is read again in this process it gets its result written, without
+a second send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -47,6 +51,8 @@ if TYPE_CHECKING:
     from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
+
+YIELD_EVERY = 64  # endings handed to the producer between two turns of the event loop
 
 Headers = list[tuple[str, bytes]]
 
@@ -93,7 +99,9 @@ class Ending:
     app_label: str = "none"
     failing_since: float | None = None
     spill: bool = False
-    task: asyncio.Task[None] | None = field(default=None, repr=False)
+    attempt: int = 0
+    waiting: int = 0  # outputs handed to the producer and not answered yet
+    abandoned: bool = False
 
 
 def dlq_headers(
@@ -154,6 +162,10 @@ class Outcomes:
         self._failing: dict[Ending, float] = {}
         self._orphans: OrderedDict[str, Ending] = OrderedDict()
         self._orphans_size = orphans_size
+        self._queue: deque[Ending] = deque()
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()  # an ending was finished or abandoned
+        self._writer: asyncio.Task[None] | None = None
         for topic in (settings.results_topic, settings.status_topic, settings.dlq_topic):
             metrics.outcome_write_failures.labels(topic)  # counted from 0, not first failure
 
@@ -358,68 +370,93 @@ class Outcomes:
         if req is not None:
             ending.app_label = self._m.app_label(req.app_id)
         self._writing.setdefault(origin.tracker, set()).add(ending)
-        ending.task = asyncio.create_task(self._write(ending))
+        self._queue.append(ending)
+        self._wake.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._run(), name="outcomes")
         return ending
 
-    async def _write(self, ending: Ending) -> None:
-        attempt = 0
-        try:
-            while True:
-                ending.outputs = await self._send_all(ending.outputs)
-                if not ending.outputs:
-                    break
-                attempt += 1
-                now = self._clock()
-                if ending.failing_since is None:
-                    ending.failing_since = now
-                    self._failing[ending] = now
-                    log.error(
-                        "partition %d offset %d: Kafka refused its %s record(s) (%s); "
-                        "retrying, nothing past it is committed",
-                        ending.origin.partition,
-                        ending.origin.offset,
-                        ending.status.value if ending.status else "?",
-                        ", ".join(sorted({o.topic for o in ending.outputs})),
-                    )
-                ceiling = min(self._s.backoff_max_s, self._s.backoff_base_s * 2 ** min(attempt, 16))
-                await asyncio.sleep(random.uniform(ceiling / 2, ceiling))  # noqa: S311
-        except asyncio.CancelledError:
-            self._abandon(ending)
-            raise
-        self._done(ending)
+    async def _run(self) -> None:
+        """The one writer: hands each ending's outputs to the producer, in order.
 
-    async def _send_all(self, outputs: list[Output]) -> list[Output]:
-        """Send each output; return those Kafka did not acknowledge."""
-        futures: list[Awaitable[Any] | BaseException] = []
+        Acknowledgements arrive as callbacks on the producer's futures; a long run of
+        endings (a spill of thousands) lets other tasks in every ``YIELD_EVERY``.
+        """
+        queue = self._queue
+        while True:
+            if not queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            for n in range(1, len(queue) + 1):
+                if not queue:
+                    break
+                ending = queue.popleft()
+                if not ending.abandoned:
+                    await self._send(ending)
+                if n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+
+    async def _send(self, ending: Ending) -> None:
+        outputs, ending.outputs = ending.outputs, []
+        ending.waiting = len(outputs)
         for out in outputs:
             try:
-                futures.append(
-                    await self._pub.send(
-                        out.topic,
-                        out.value,
-                        key=out.key,
-                        headers=out.headers,
-                        partition=out.partition,
-                        timestamp_ms=out.timestamp_ms,
-                    )
+                fut = await self._pub.send(
+                    out.topic,
+                    out.value,
+                    key=out.key,
+                    headers=out.headers,
+                    partition=out.partition,
+                    timestamp_ms=out.timestamp_ms,
                 )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # refused at once (too large, unknown topic, ...)
-                futures.append(exc)
-        acks = await asyncio.gather(
-            *(f for f in futures if not isinstance(f, BaseException)), return_exceptions=True
-        )
-        ack_iter = iter(acks)
-        failed: list[Output] = []
-        for out, fut in zip(outputs, futures, strict=True):
-            result = fut if isinstance(fut, BaseException) else next(ack_iter)
-            if isinstance(result, BaseException):
-                self._m.outcome_write_failures.labels(out.topic).inc()
-                failed.append(out)
-        return failed
+            except Exception:  # refused at once (too large, unknown topic, ...)
+                self._acked(ending, out, False)
+                continue
+            asyncio.ensure_future(fut).add_done_callback(
+                functools.partial(self._ack_done, ending, out)
+            )
+
+    def _ack_done(self, ending: Ending, out: Output, fut: asyncio.Future[Any]) -> None:
+        self._acked(ending, out, not fut.cancelled() and fut.exception() is None)
+
+    def _acked(self, ending: Ending, out: Output, ok: bool) -> None:
+        """One output answered; when all of the ending's have, it is done or retried."""
+        if ending.abandoned:
+            return
+        if not ok:
+            self._m.outcome_write_failures.labels(out.topic).inc()
+            ending.outputs.append(out)  # only what Kafka did not take is written again
+        ending.waiting -= 1
+        if ending.waiting > 0:
+            return
+        if not ending.outputs:
+            self._done(ending)
+            return
+        ending.attempt += 1
+        if ending.failing_since is None:
+            ending.failing_since = self._clock()
+            self._failing[ending] = ending.failing_since
+            log.error(
+                "partition %d offset %d: Kafka refused its %s record(s) (%s); "
+                "retrying, nothing past it is committed",
+                ending.origin.partition,
+                ending.origin.offset,
+                ending.status.value if ending.status else "spill",
+                ", ".join(sorted({o.topic for o in ending.outputs})),
+            )
+        s = self._s
+        ceiling = min(s.backoff_max_s, s.backoff_base_s * 2 ** min(ending.attempt, 16))
+        delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter
+        asyncio.get_running_loop().call_later(delay, self._retry, ending)
+
+    def _retry(self, ending: Ending) -> None:
+        if not ending.abandoned:
+            self._queue.append(ending)
+            self._wake.set()
 
     def _forget(self, ending: Ending) -> None:
+        self._changed.set()
         writing = self._writing.get(ending.origin.tracker)
         if writing is not None:
             writing.discard(ending)
@@ -461,23 +498,34 @@ class Outcomes:
 
         What is left at the deadline is abandoned. True when every write finished.
         """
-        tasks = self._tasks(partitions)
-        if not tasks:
-            return True
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        return not pending
+        loop_time = asyncio.get_running_loop().time  # real time: this waits for Kafka
+        deadline = loop_time() + max(0.0, timeout)
+        while left := self._endings(partitions):
+            remaining = deadline - loop_time()
+            if remaining <= 0:
+                for ending in left:
+                    ending.abandoned = True
+                    self._abandon(ending)
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
+        return True
 
-    def _tasks(self, partitions: set[PartitionTracker] | None) -> set[asyncio.Task[None]]:
-        return {
-            ending.task
-            for partition, endings in self._writing.items()
-            if partitions is None or partition in partitions
+    def _endings(self, partitions: set[PartitionTracker] | None) -> list[Ending]:
+        return [
+            ending
+            for tracker, endings in self._writing.items()
+            if partitions is None or tracker in partitions
             for ending in endings
-            if ending.task is not None
-        }
+        ]
+
+    async def close(self) -> None:
+        """Stop the writer (after :meth:`settle`)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
 
     @property
     def writing(self) -> int:
