@@ -423,6 +423,9 @@ class Intake:
             ]
         for r in moving:
             self.spill.note_spilled(app_id)
+            # the copy may be read back before Kafka's acknowledgement arrives here:
+            # it must not be taken for a duplicate of its own original
+            self.in_progress.discard(r.request_id)
             self._outcomes.spilled(r, topic=self._s.spill_topic, partition=partition)
 
     def release(self, ending: Ending, finished: bool) -> None:
@@ -433,7 +436,7 @@ class Intake:
         self.buffered -= 1
         self.buffered_bytes -= origin.size
         req = ending.request
-        if req is not None:
+        if req is not None and not ending.spill:  # a spill's mark went when it was spilled
             self.in_progress.discard(req.request_id)
 
     def sending(self) -> None:

@@ -22,11 +22,11 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from gateway.envelope import Request
-from gateway.limiter import Bucket, acquire
+from gateway.limiter import Bucket, acquire, hold_window
 from gateway.offsets import PartitionTracker
 from gateway.shared_limiter import SharedBucket
 
@@ -216,7 +216,8 @@ class Lanes:
             project = self.project_for(req)
             chan = channels.get(req.channel) if req.channel and channels else None
             buckets = (lane.bucket, chan, project) if chan else (lane.bucket, project)
-            waited = await acquire(buckets, clock)
+            local = all(isinstance(b, Bucket) for b in buckets)
+            waited = await acquire(buckets, clock, guard=not local)
             if self._on_wait is not None:
                 self._on_wait(waited)
             origin = req.origin
@@ -226,15 +227,17 @@ class Lanes:
                     self._hand_back(req)
                 continue
             self.in_flight += 1
-            task = asyncio.create_task(self._send(req, lane))
+            task = asyncio.create_task(self._send(req, lane, buckets if local else ()))
             self._tasks[task] = origin.tracker if origin is not None else None
             task.add_done_callback(self._forget)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
 
-    async def _send(self, req: Request, lane: Lane) -> None:
+    async def _send(self, req: Request, lane: Lane, guarded: Sequence[AnyBucket]) -> None:
         try:
+            if guarded:  # the window guard at the moment of sending, not of the slot
+                await hold_window(guarded, self._clock)
             await self._sender(req, lane)
         except Exception:
             # never lose a request: it goes back to its lane and takes a slot again

@@ -181,13 +181,16 @@ class Bucket:
             self._recompute()
 
 
-async def acquire(buckets: Sequence[Bucket | SlotSource], clock: Clock) -> float:
+async def acquire(
+    buckets: Sequence[Bucket | SlotSource], clock: Clock, *, guard: bool = True
+) -> float:
     """Wait for a slot in each bucket in turn; return the total time waited.
 
     The caller sends right after this returns: the send time is recorded in each
     bucket's window guard. A shared bucket in last place is taken after the guard
     of the others (whose sends are recorded just before it), so that nothing stands
-    between its slot and the send.
+    between its slot and the send. With ``guard=False`` (local buckets only) the
+    caller runs :func:`hold_window` itself, at the moment it sends.
     """
     start = clock()
     last = buckets[-1] if buckets else None
@@ -202,17 +205,29 @@ async def acquire(buckets: Sequence[Bucket | SlotSource], clock: Clock) -> float
                 await asyncio.sleep(math.ceil(at / TICK_S) * TICK_S - clock())
         elif bucket is not final:
             await bucket.take()
-    guarded = [b for b in buckets if b is not final]
-    now = clock()
-    while guarded:
-        now = clock()
-        delay = max(b.window_delay(now) for b in guarded)
-        if delay <= 0:
-            break
-        await asyncio.sleep(delay)
-    for bucket in guarded:
-        bucket.record(now)
+    if not guard and final is None:
+        return clock() - start
+    now = await hold_window([b for b in buckets if b is not final], clock)
     if final is not None:
         await final.take()
         now = clock()
     return now - start
+
+
+async def hold_window(buckets: Sequence[Bucket | SlotSource], clock: Clock) -> float:
+    """Hold until no bucket's window would go over its rate, then record a send now.
+
+    Called right before the request is written, so that the recorded time is the
+    send's own: a send that waited behind other work of the event loop is not
+    bunched with the next one.
+    """
+    now = clock()
+    while buckets:
+        now = clock()
+        delay = max(b.window_delay(now) for b in buckets)
+        if delay <= 0:
+            break
+        await asyncio.sleep(delay)
+    for bucket in buckets:
+        bucket.record(now)
+    return now

@@ -195,7 +195,7 @@ class Settings:
     commit_interval_s: float = 1.0
     # each lane holds about rate x lane_horizon_s records (at least lane_min_read_ahead);
     # the rest of its backlog waits in the spill topic
-    lane_horizon_s: float = 5.0
+    lane_horizon_s: float = 30.0
     lane_min_read_ahead: int = 10
 
     # Sinch
