@@ -50,7 +50,7 @@ from gateway.shared_limiter import SharedBucket, SharedLimiter
 from gateway.shares import Demand, Shares
 from gateway.sinch import SinchClient
 from gateway.tokens import BasicAuth, TokenManager, TokenSource
-from gateway.webhooks import WebhookReceiver
+from gateway.webhooks import WebhookReceiver, nonce_redis
 
 WEBHOOK_PATH = "/webhooks/sinch"
 SHARE_HEADROOM = 0.99  # shares of the project cap add up to this much of its pace
@@ -200,8 +200,11 @@ class Gateway:
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
         async with AsyncExitStack() as stack:
+            nonces = nonce_redis(s)  # replays refused on every replica, when Redis is set
+            if nonces is not None:
+                stack.push_async_callback(nonces.aclose)
             receiver = WebhookReceiver(
-                s, self.metrics, publish_timeout_s=s.webhook_publish_timeout_s
+                s, self.metrics, publish_timeout_s=s.webhook_publish_timeout_s, redis=nonces
             )
             health = self._health()
             await self._start_servers(stack, receiver, health)

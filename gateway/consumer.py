@@ -405,22 +405,24 @@ class Intake:
         moving = [req]
         if not self.spill.spilling(app_id):
             # The app starts spilling: what its lane holds from the requests topic goes
-            # first, in order. Otherwise those records would hold their partitions'
-            # commits for a whole read-ahead, with everything spilled after them
-            # finished beyond the commit: sent again after a crash wherever the broker
-            # keeps no commit metadata.
+            # first, in order, but for about a second of sends, which keeps the lane
+            # busy while the spill comes back. Otherwise those records would hold their
+            # partitions' commits for a whole read-ahead, with everything spilled after
+            # them finished beyond the commit: sent again after a crash wherever the
+            # broker keeps no commit metadata.
             requests = self._s.requests_topic
             lane = self._lanes.lane(app_id, req.project_id)
-            moving = [
-                *lane.take_queued(
-                    lambda r: (
-                        r.priority is not Priority.HIGH
-                        and r.origin is not None
-                        and r.origin.topic == requests
-                    )
-                ),
-                req,
-            ]
+            keep = [max(1, int(lane.bucket.pace))]
+
+            def move(r: Request) -> bool:
+                if r.priority is Priority.HIGH or r.origin is None:
+                    return False
+                if r.origin.topic != requests:
+                    return False
+                keep[0] -= 1
+                return keep[0] < 0
+
+            moving = [*lane.take_queued(move), req]
         for r in moving:
             self.spill.note_spilled(app_id)
             # the copy may be read back before Kafka's acknowledgement arrives here:
