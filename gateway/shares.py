@@ -8,6 +8,10 @@ When the busy apps together may send more than the project's cap, each gets:
 2. then what is left of the cap, to the apps whose backlog takes longest to
    drain at their own rate, each up to its own rate.
 
+When the backlogs would drain together anyway (the longest drain within
+``SPREAD`` of the shortest), the project bucket's round robin is left to share
+the cap: it is max-min fair and costs no ceilings.
+
 The first rule keeps every app moving; the second makes the backlog as a whole
 drain in the least time Sinch allows: the app that would finish last is the one
 held back least. :func:`allocate` is the pure rule; :class:`Shares` applies it
@@ -22,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 FLOOR = 0.9
+SPREAD = 1.25  # shares apply when the longest drain is this much over the shortest
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,11 @@ def allocate(cap: float, demands: Iterable[Demand], floor: float = FLOOR) -> dic
     """
     busy = [d for d in demands if d.rate > 0 and d.backlog > 0]
     if sum(d.rate for d in busy) <= cap:
+        return {}
+    drains = sorted(d.backlog / d.rate for d in busy)
+    if drains[-1] <= SPREAD * drains[0]:
+        # backlogs that drain together already: the project bucket's round robin
+        # (max-min) serves them as well, without ceilings to keep up
         return {}
     fair = weighted_fair(cap, {d.app_id: d.rate for d in busy})
     given = {d.app_id: floor * fair[d.app_id] for d in busy}

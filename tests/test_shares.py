@@ -44,6 +44,11 @@ def test_every_busy_app_keeps_90_percent_of_its_rate_weighted_share() -> None:
 
 
 def test_idle_apps_take_nothing() -> None:
-    shares = allocate(100, [Demand("a", 80, 10), Demand("b", 80, 0), Demand("c", 80, 10)])
+    shares = allocate(100, [Demand("a", 80, 10), Demand("b", 80, 0), Demand("c", 80, 30)])
     assert "b" not in shares
     assert sum(shares.values()) == pytest.approx(100)
+
+
+def test_backlogs_that_drain_together_are_left_to_the_round_robin() -> None:
+    assert allocate(800, [Demand(f"a{i}", 20, 40) for i in range(200)]) == {}
+    assert allocate(800, [Demand(f"a{i}", 20, 40 + i % 5) for i in range(200)]) == {}
