@@ -37,7 +37,7 @@ from gateway.adaptive import AdaptiveRates
 from gateway.admin import Health, make_admin_app, start_site
 from gateway.app_rates import AppRates
 from gateway.consumer import Intake
-from gateway.dedupe import RecentIds
+from gateway.dedupe import GroupSentIds, RecentIds
 from gateway.delivery import Delivery
 from gateway.envelope import Request
 from gateway.lanes import Lane, Lanes
@@ -100,6 +100,7 @@ class Gateway:
         self.webhook_port: int | None = None
         self.started = asyncio.Event()
         self.limiter: SharedLimiter | None = None
+        self._group_sent: GroupSentIds | None = None
         self.intake: Intake | None = None
         self.lanes: Lanes | None = None
         self.outcomes: Outcomes | None = None
@@ -203,6 +204,8 @@ class Gateway:
             nonces = nonce_redis(s)  # replays refused on every replica, when Redis is set
             if nonces is not None:
                 stack.push_async_callback(nonces.aclose)
+                self._group_sent = GroupSentIds(nonces, ttl_s=s.dedupe_ttl_s)
+                stack.push_async_callback(self._group_sent.close)
             receiver = WebhookReceiver(
                 s, self.metrics, publish_timeout_s=s.webhook_publish_timeout_s, redis=nonces
             )
@@ -341,6 +344,8 @@ class Gateway:
         s = self.settings
         clock = asyncio.get_running_loop().time
         sent_ids = RecentIds(s.dedupe_size, s.dedupe_ttl_s, clock)
+        if self._group_sent is not None:
+            sent_ids.on_add = self._group_sent.remember
         intake_ref: list[Intake] = []
         lanes_ref: list[Lanes] = []
         sinch = SinchClient(s, sinch_session)
@@ -380,6 +385,7 @@ class Gateway:
             sent_ids=sent_ids,
             clock=clock,
             on_share=self._share_project_rate,
+            group_sent=self._group_sent,
         )
         intake_ref.append(intake)
         self.outcomes, self.delivery, self.lanes, self.intake = outcomes, delivery, lanes, intake
@@ -510,6 +516,8 @@ class Gateway:
             if not await pipe.outcomes.settle(None, deadline - time.monotonic()):
                 log.warning("some outcomes were not written in time; they are not committed")
             await pipe.outcomes.close()
+            if self._group_sent is not None:
+                await self._group_sent.flush()  # before the partitions' next owners look
             await commit_task
             await intake.commit()
 

@@ -44,7 +44,7 @@ from gateway.producer import kafka_options
 from gateway.spill import SpillState
 
 if TYPE_CHECKING:
-    from gateway.dedupe import RecentIds
+    from gateway.dedupe import GroupSentIds, RecentIds
     from gateway.lanes import Lane, Lanes
     from gateway.metrics import Metrics
     from gateway.outcomes import Ending, Outcomes
@@ -83,6 +83,7 @@ class Intake:
         clock: Callable[[], float],
         on_share: Callable[[int, int], None] | None = None,
         consumer_factory: ConsumerFactory | None = None,
+        group_sent: GroupSentIds | None = None,
     ) -> None:
         self._s = settings
         self._m = metrics
@@ -92,6 +93,10 @@ class Intake:
         self._clock = clock
         self._on_share = on_share
         self._consumer_factory = consumer_factory or self._make_consumer
+        self._group_sent = group_sent
+        # partitions taken over without commit metadata: up to which offset to ask
+        # the group's sent ids whether a record re-read was sent by the last owner
+        self._suspect: dict[TopicPartition, int] = {}
         self._topics = (settings.requests_high_topic, settings.requests_topic, settings.spill_topic)
         self._projects = frozenset(settings.all_projects())
         self.consumer: Any = None
@@ -190,6 +195,8 @@ class Intake:
             tracker = self.trackers.get(tp)
             if tracker is None or tracker.revoked:
                 continue
+            if tp in self._suspect:
+                await self._ask_group(tp, records)
             take = self.take_spilled if tp.topic == spill_topic else self.take
             for i, record in enumerate(records, 1):
                 if not take(tracker, record):
@@ -200,6 +207,27 @@ class Intake:
                     await asyncio.sleep(0)
                     if tracker.revoked:
                         break
+
+    async def _ask_group(self, tp: TopicPartition, records: list[Any]) -> None:
+        """Learn which of the records re-read after a takeover the group already sent."""
+        until = self._suspect[tp]
+        if self._group_sent is None or not records:
+            return
+        limit = self._s.max_message_bytes
+        rids = [peek_ids(r.value, max_bytes=limit)[0] for r in records if r.offset < until]
+        found = await self._group_sent.known([r for r in rids if r])
+        for rid in found:
+            self._sent_ids.add(rid, mirror=False)
+        if found:
+            log.info(
+                "%s/%d: %d of %d records read again were sent by the last owner",
+                tp.topic,
+                tp.partition,
+                len(found),
+                len(rids),
+            )
+        if records[-1].offset + 1 >= until:
+            del self._suspect[tp]
 
     def _apply_budget(self) -> None:
         budget = self._s.max_buffered_records
@@ -566,9 +594,12 @@ class Intake:
         await self._lanes.wait_in_flight(bound, trackers=gone)
         left = bound - (self._clock() - started)
         await self._outcomes.settle(gone, left)
+        if self._group_sent is not None:
+            await self._group_sent.flush()  # before the next owner can look
         await self.commit(parts)
         for tp in parts:
             self.trackers.pop(tp, None)
+            self._suspect.pop(tp, None)
             self._spill_paused.discard(tp)
             self._forget_gauges(tp)
         self.spill.revoked(tp.partition for tp in parts if tp.topic == self._s.spill_topic)
@@ -613,6 +644,10 @@ class Intake:
                     tracker.committed = committed.offset
                     tracker.committed_meta = committed.metadata or ""
                     tracker.skip = decode_done(committed.offset, committed.metadata)
+                    if not tracker.skip and self._group_sent is not None:
+                        # no map of what was finished beyond the commit (a broker that
+                        # keeps no commit metadata): ask the group's sent ids instead
+                        self._suspect[tp] = committed.offset + self._s.max_buffered_records
                     log.info(
                         "%s/%d: resuming at offset %d, %d records beyond it already finished",
                         tp.topic,
