@@ -153,7 +153,10 @@ async def test_a_backlog_larger_than_the_budget_holds_no_other_traffic(
     backlog = sum(1 for a in in_window if a["correlation_id"] in camp_ids)
     print(f"campaign app: {camp_rate:.1f}/s of {RATE:.0f}/s ({backlog} of the backlog)")
     assert camp_rate >= 0.9 * RATE * (1 - settings.rate_margin)
-    assert max_in_a_second([at_of(a) for a in accepted if a["app_id"] == "campaign"]) <= RATE
+    # pacing keeps every 1.02 s of sends at the rate; the simulator shares this test's event
+    # loop, so its acceptance times jitter by some milliseconds around the sends
+    most = max_in_a_second([at_of(a) for a in accepted if a["app_id"] == "campaign"])
+    assert most <= RATE + 2, most
     assert stats["rejected_429"]["total"] == 0
 
 
