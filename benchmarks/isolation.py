@@ -10,10 +10,10 @@ first send, 20 requests of each case are published, one of each every 0.1 s:
   (c) a new app, published to another partition
 Each request's latency is publication (before the producer's send) to the simulator's
 acceptance (``/_sim/accepted``: correlation_id = request_id, accepted_time). The same
-scenario runs twice in one go: with spill-over (``lane_horizon_s`` as configured) and with
-spill-over effectively off (``lane_horizon_s`` huge, so a lane takes everything up to the
-budget: the behaviour before per-app read-ahead). Requests not accepted within ``--wait``
-seconds count as lost for the percentiles (shown as "> wait").
+scenario runs twice in one go: with spill-over (the settings' defaults) and with
+spill-over effectively off (``lane_min_read_ahead`` = the budget, so a lane takes
+everything up to the budget: the behaviour before per-app read-ahead). Requests not
+accepted within ``--wait`` seconds count as lost for the percentiles (shown as "> wait").
 """
 
 from __future__ import annotations
@@ -157,7 +157,12 @@ async def wait_first_send(http: aiohttp.ClientSession, sim_port: int, timeout: f
 
 
 async def scenario(
-    bootstrap: str, campaign: int, budget: int, horizon_s: float, wait_s: float, window_s: float
+    bootstrap: str,
+    campaign: int,
+    budget: int,
+    lanes: dict[str, Any],
+    wait_s: float,
+    window_s: float,
 ) -> dict[str, Any]:
     """One run: campaign, gateway, probes 3 s into the drain; figures of the run."""
     tag = uuid.uuid4().hex[:8]
@@ -174,7 +179,7 @@ async def scenario(
         app_rate=20,
         project_rate=800,
         max_buffered_records=budget,
-        lane_horizon_s=horizon_s,
+        **lanes,
     )
     gw = start_gateway(env)
     try:
@@ -236,7 +241,12 @@ async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--campaign", type=int, default=27_000, help="requests of the campaign's app")
     p.add_argument("--budget", type=int, default=20_000, help="max_buffered_records")
-    p.add_argument("--horizon", type=float, default=5.0, help="lane_horizon_s with spill-over")
+    p.add_argument(
+        "--horizon",
+        type=float,
+        default=None,
+        help="lane_horizon_s with spill-over (default: the setting's)",
+    )
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the probes")
     p.add_argument("--window", type=float, default=15.0, help="least seconds measured")
     ns = p.parse_args()
@@ -246,12 +256,14 @@ async def main() -> None:
     )
     runs: dict[str, dict[str, Any]] = {}
     with EmbeddedBroker() as broker:
-        for name, horizon in (
-            (f"spill-over (lane_horizon_s {ns.horizon:g})", ns.horizon),
-            ("spill-over off (lane_horizon_s 1e6)", 1e6),
+        on = {} if ns.horizon is None else {"lane_horizon_s": ns.horizon}
+        for name, lanes in (
+            ("spill-over" + (f" (lane_horizon_s {ns.horizon:g})" if on else ""), on),
+            # a lane may hold the whole budget: how the gateway behaved before read-ahead
+            ("spill-over off (lane_min_read_ahead = budget)", {"lane_min_read_ahead": ns.budget}),
         ):
             runs[name] = await scenario(
-                broker.bootstrap, ns.campaign, ns.budget, horizon, ns.wait, ns.window
+                broker.bootstrap, ns.campaign, ns.budget, lanes, ns.wait, ns.window
             )
     print_side_by_side(runs, ns.wait)
 
