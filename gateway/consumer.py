@@ -99,7 +99,6 @@ class Intake:
         self._suspect: dict[TopicPartition, int] = {}
         self._topics = (settings.requests_high_topic, settings.requests_topic, settings.spill_topic)
         self._projects = frozenset(settings.all_projects())
-        self._crowded = 0.8 * settings.max_buffered_records
         self.consumer: Any = None
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
         self.spill = SpillState(self.wants_more)
@@ -354,10 +353,7 @@ class Intake:
             req.priority = Priority.HIGH
         lane = self._lanes.lane(req.app_id, req.project_id)
         if req.priority is not Priority.HIGH and (
-            self.spill.spilling(req.app_id)
-            or lane.depth >= self.read_ahead(lane)
-            # the budget is nearly full: spill rather than pause every partition
-            or (self.buffered >= self._crowded and lane.depth >= self._s.lane_min_read_ahead)
+            self.spill.spilling(req.app_id) or lane.depth >= self.read_ahead(lane)
         ):
             self._spill_out(req)
         else:
