@@ -38,7 +38,7 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 Clock = Callable[[], float]
 TICK_S = 0.004  # wake-up granularity of the pacing
@@ -55,7 +55,45 @@ class SlotSource(Protocol):
     def record(self, now: float) -> None: ...
 
 
-class Bucket:
+class AdaptiveFactor:
+    """Adaptive rate of a bucket: a factor between ``min_factor`` and 1 on its pace.
+
+    Multiplicative decrease after a 429 in the bucket's scope, additive increase
+    back toward the configured rate; a change re-paces the bucket and tells
+    ``on_change``. Shared by the local and the Redis-backed buckets.
+    """
+
+    factor: float
+    min_factor: float
+    on_change: Callable[[Any], None] | None
+
+    def _recompute(self) -> None:
+        raise NotImplementedError
+
+    def slow_down(self, factor: float = 0.5) -> bool:
+        """Multiplicative decrease after a 429 in this scope. True if it changed."""
+        new = max(self.min_factor, self.factor * factor)
+        if new == self.factor:
+            return False
+        self.factor = new
+        self._changed()
+        return True
+
+    def recover(self, step: float = 0.05) -> bool:
+        """Additive increase toward the configured rate. True if it changed."""
+        if self.factor >= 1.0:
+            return False
+        self.factor = min(1.0, self.factor + step)
+        self._changed()
+        return True
+
+    def _changed(self) -> None:
+        self._recompute()
+        if self.on_change:
+            self.on_change(self)
+
+
+class Bucket(AdaptiveFactor):
     """One paced bucket (project, app or channel scope)."""
 
     __slots__ = (
@@ -147,27 +185,6 @@ class Bucket:
     def backlog_s(self) -> float:
         """How far ahead of now the slots are handed out (0 when idle)."""
         return max(0.0, self._tat - self._clock())
-
-    def slow_down(self, factor: float = 0.5) -> bool:
-        """Multiplicative decrease after a 429 in this scope. True if it changed."""
-        new = max(self.min_factor, self.factor * factor)
-        if new == self.factor:
-            return False
-        self.factor = new
-        self._recompute()
-        if self.on_change:
-            self.on_change(self)
-        return True
-
-    def recover(self, step: float = 0.05) -> bool:
-        """Additive increase toward the configured rate. True if it changed."""
-        if self.factor >= 1.0:
-            return False
-        self.factor = min(1.0, self.factor + step)
-        self._recompute()
-        if self.on_change:
-            self.on_change(self)
-        return True
 
     def set_rate(self, rate: float) -> None:
         self.rate = rate

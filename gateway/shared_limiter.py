@@ -57,6 +57,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.limiter import AdaptiveFactor
+
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
@@ -89,7 +91,7 @@ return {string.format('%.0f', now), rate_s, string.format('%.3f', first),
 _OFFSET_WINDOW_S = 10.0  # clock samples kept: Redis time may slew against ours by a few ppm
 
 
-class SharedBucket:
+class SharedBucket(AdaptiveFactor):
     """One bucket whose timeline is in Redis; made by :meth:`SharedLimiter.bucket`.
 
     It has the attributes of :class:`~gateway.limiter.Bucket` that lanes, the
@@ -286,27 +288,6 @@ class SharedBucket:
     def backlog_s(self) -> float:
         """How far ahead of now this replica holds slots (0 when it holds none)."""
         return max(0.0, self._last_slot - self._clock()) if self._slots else 0.0
-
-    def slow_down(self, factor: float = 0.5) -> bool:
-        """Multiplicative decrease of this replica's draws after a 429. True if it changed."""
-        new = max(self.min_factor, self.factor * factor)
-        if new == self.factor:
-            return False
-        self.factor = new
-        self._recompute()
-        if self.on_change:
-            self.on_change(self)
-        return True
-
-    def recover(self, step: float = 0.05) -> bool:
-        """Additive increase toward the shared rate. True if it changed."""
-        if self.factor >= 1.0:
-            return False
-        self.factor = min(1.0, self.factor + step)
-        self._recompute()
-        if self.on_change:
-            self.on_change(self)
-        return True
 
     def set_rate(self, rate: float) -> None:
         """Change the rate of the whole group's bucket (written to Redis at once)."""
