@@ -95,7 +95,11 @@ class Gateway:
         for project in settings.projects.values():
             logs.protect(project.key_secret.reveal())
         self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry, max_app_labels=settings.max_app_labels)
+        self.metrics = Metrics(
+            self.registry,
+            max_app_labels=settings.max_app_labels,
+            max_campaign_labels=settings.max_campaign_labels,
+        )
         self.http_port: int | None = None
         self.webhook_port: int | None = None
         self.started = asyncio.Event()

@@ -37,6 +37,8 @@ MESSAGE_KINDS = frozenset(
     }
 )
 MAX_REQUEST_ID = 256
+MAX_CAMPAIGN = 128
+ENVELOPE_VERSIONS = frozenset({1})  # the envelope versions this gateway reads
 MAX_CORRELATION_ID = 128  # Sinch's limit on SendMessageRequest.correlation_id
 MIN_TTL_S = 3  # Sinch's minimum SendMessageRequest.ttl
 DIGEST_PREFIX = "gw:"
@@ -59,6 +61,7 @@ class Status(enum.StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"
     REJECTED = "rejected"
+    CANCELLED = "cancelled"
 
 
 @dataclass(slots=True)
@@ -74,6 +77,7 @@ class Request:
     priority: Priority = Priority.NORMAL
     channel: str | None = None
     size: int = 0
+    campaign: str | None = None
     # the delivery's own state
     attempts: int = 0
     first_error_at: float | None = None
@@ -228,6 +232,14 @@ def decode(value: bytes | None, *, max_bytes: int) -> Request:
     if not any(kind in message for kind in MESSAGE_KINDS):
         raise InvalidMessage("bad_field", "payload.message has no known message type")
 
+    version = doc.get("envelope_version", 1)
+    if isinstance(version, bool) or version not in ENVELOPE_VERSIONS:
+        raise InvalidMessage("bad_field", "envelope_version must be 1")
+    campaign = doc.get("campaign")
+    if campaign is not None and (
+        not isinstance(campaign, str) or not campaign or len(campaign) > MAX_CAMPAIGN
+    ):
+        raise InvalidMessage("bad_field", "campaign must be a string of 1 to 128 chars")
     project_id = doc.get("project_id")
     if project_id is not None and (not isinstance(project_id, str) or not project_id):
         raise InvalidMessage("bad_field", "project_id must be a non-empty string")
@@ -250,6 +262,7 @@ def decode(value: bytes | None, *, max_bytes: int) -> Request:
         priority=priority,
         channel=channel,
         size=len(value),
+        campaign=campaign,
     )
 
 
@@ -292,6 +305,7 @@ def result_record(
     timings: dict[str, float] | None = None,
     partition: int | None = None,
     offset: int | None = None,
+    campaign: str | None = None,
 ) -> bytes:
     """One record of the results topic (the contract in DESIGN.md)."""
     return orjson.dumps(
@@ -304,6 +318,7 @@ def result_record(
             "error": error,
             "attempts": attempts,
             "app_id": app_id,
+            "campaign": campaign,
             "timings": timings or {},
             "source": {"partition": partition, "offset": offset},
         }

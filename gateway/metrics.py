@@ -79,9 +79,16 @@ class Metrics:
     creates one group of collectors on the registry.
     """
 
-    def __init__(self, registry: CollectorRegistry, *, max_app_labels: int = 200) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        max_app_labels: int = 200,
+        max_campaign_labels: int = 50,
+    ) -> None:
         self.registry = registry
         self.app_label = LabelCap(max_app_labels)
+        self.campaign_label = LabelCap(max_campaign_labels)
         self._intake(registry)
         self._limits(registry)
         self._sinch(registry)
@@ -232,8 +239,15 @@ class Metrics:
         self.outcomes = Counter(
             "gateway_requests_finished",
             "Requests that reached a terminal outcome, by app and status "
-            "(sent, failed, expired, rejected).",
+            "(sent, failed, expired, rejected, cancelled).",
             ["app_id", "status"],
+            registry=r,
+        )
+        self.campaign_outcomes = Counter(
+            "gateway_campaign_requests_finished",
+            "Requests of a campaign (the envelope's campaign tag) that reached a terminal "
+            "outcome, by campaign and status.",
+            ["campaign", "status"],
             registry=r,
         )
         self.dlq = Counter(

@@ -185,6 +185,7 @@ class Outcomes:
             request_id=req.request_id,
             status=Status.SENT,
             app_id=req.app_id,
+            campaign=req.campaign,
             attempts=req.attempts,
             http_status=200,
             message_id=message_id,
@@ -234,6 +235,7 @@ class Outcomes:
             request_id=req.request_id,
             status=Status.FAILED,
             app_id=req.app_id,
+            campaign=req.campaign,
             attempts=req.attempts,
             http_status=http_status,
             error=error,
@@ -258,6 +260,7 @@ class Outcomes:
             request_id=req.request_id,
             status=Status.EXPIRED,
             app_id=req.app_id,
+            campaign=req.campaign,
             attempts=req.attempts,
             error={"message": "expire_at passed before sending"},
             partition=origin.partition,
@@ -478,6 +481,11 @@ class Outcomes:
             self._sent_ids.add(ending.request.request_id)
         if status is not None:
             self._m.outcomes.labels(ending.app_label, status.value).inc()
+            campaign = ending.request.campaign if ending.request is not None else None
+            if campaign is not None:
+                self._m.campaign_outcomes.labels(
+                    self._m.campaign_label(campaign), status.value
+                ).inc()
         elif ending.spill:
             self._m.spilled.labels(ending.app_label).inc()
         self._release(ending, True)

@@ -279,6 +279,7 @@ class Settings:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     max_app_labels: int = 200
+    max_campaign_labels: int = 50
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -418,6 +419,7 @@ _POSITIVE = (
     "status_map_ttl_s",
     "status_map_size",
     "max_app_labels",
+    "max_campaign_labels",
     "app_rate_refresh_s",
     "app_queue_refresh_s",
 )

@@ -6,9 +6,11 @@ import pytest
 from gateway.envelope import (
     MAX_CORRELATION_ID,
     Priority,
+    Status,
     correlation_for,
     decode,
     request_id_in,
+    result_record,
 )
 from gateway.errors import InvalidMessage
 
@@ -42,6 +44,22 @@ def test_good_envelope_decodes():
     req = decode(orjson.dumps(GOOD), max_bytes=10_000)
     assert (req.request_id, req.app_id, req.channel) == ("r1", "a1", "SMS")
     assert req.priority is Priority.NORMAL
+    assert req.campaign is None
+
+
+def test_campaign_and_version_are_read_and_the_campaign_reaches_the_result():
+    req = decode(with_(campaign="black-friday", envelope_version=1), max_bytes=10_000)
+    assert req.campaign == "black-friday"
+    result = orjson.loads(
+        result_record(
+            request_id=req.request_id,
+            status=Status.CANCELLED,
+            app_id=req.app_id,
+            attempts=0,
+            campaign=req.campaign,
+        )
+    )
+    assert (result["status"], result["campaign"]) == ("cancelled", "black-friday")
 
 
 @pytest.mark.parametrize(
@@ -63,6 +81,11 @@ def test_good_envelope_decodes():
         (with_(expire_at="2030-01-01T00:00:00"), "bad_field"),
         (with_(priority="urgent"), "bad_field"),
         (with_(region="mars"), "bad_field"),
+        (with_(campaign=""), "bad_field"),
+        (with_(campaign=12), "bad_field"),
+        (with_(campaign="c" * 129), "bad_field"),
+        (with_(envelope_version=2), "bad_field"),
+        (with_(envelope_version=True), "bad_field"),
         (b"x" * 2000, "too_large"),
         (None, "empty"),
     ],

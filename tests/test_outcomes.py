@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from gateway.cli import sample_request
 from gateway.dedupe import RecentIds
 from gateway.envelope import Request, decode
-from gateway.metrics import Metrics
+from gateway.metrics import LabelCap, Metrics
 from gateway.offsets import Origin, PartitionTracker
 from gateway.outcomes import Ending, Outcomes
 from gateway.settings import Settings, load
@@ -196,3 +196,19 @@ async def test_settle_waits_for_writes_in_progress() -> None:
     asyncio.get_running_loop().call_soon(gate.set)
     assert await h.outcomes.settle(None, 5.0)
     assert h.released == [(0, True)]
+
+
+async def test_a_campaign_tag_reaches_the_result_and_its_bounded_metric() -> None:
+    h = Harness(ScriptedPublisher(lambda _t, _v: "ack"))
+    h.metrics.campaign_label = LabelCap(1)
+    for offset, campaign in enumerate(("spring", "summer", None)):
+        doc = sample_request("app-1", offset)
+        if campaign:
+            doc["campaign"] = campaign
+        sent(h, h.request(offset, orjson.dumps(doc)))
+    await wait_for(lambda: len(h.released) == 3, 5, what="the three endings to be written")
+    results = [orjson.loads(value or b"") for value, _k, _h in h.publisher.on(RESULTS)]
+    assert sorted(r["campaign"] or "" for r in results) == ["", "spring", "summer"]
+    sample = "gateway_campaign_requests_finished_total"
+    assert h.sample(sample, campaign="spring", status="sent") == 1
+    assert h.sample(sample, campaign="other", status="sent") == 1  # past the label cap
