@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import logging
 import os
 import signal
@@ -263,15 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
         "share one project cap through a local redis-server when one is on the PATH, "
         "else each paces its partitions' share",
     )
+    for module in _MORE_COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 
 _COMMANDS = {"run": _run, "simulate": _simulate, "send": _send, "demo": _demo}
+# Modules with a ``register(subparsers)`` that adds one command and sets
+# ``handler`` (an ``async (argparse.Namespace) -> int``) as its default.
+_MORE_COMMANDS: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    coro: Coroutine[Any, Any, int] = _COMMANDS[ns.command](ns)
+    handler = _COMMANDS.get(ns.command) or ns.handler
+    coro: Coroutine[Any, Any, int] = handler(ns)
     try:
         return asyncio.run(coro)
     except ConfigError as exc:
