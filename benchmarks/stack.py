@@ -67,21 +67,12 @@ def start_gateway(env: dict[str, str], log_path: str | None = None) -> subproces
         stderr=out,
     )
     if os.environ.get("BENCH_PYSPY"):  # profile the gateway: BENCH_PYSPY=out.txt
+        # BENCH_PYSPY_DELAY: seconds to wait first (past start-up); BENCH_PYSPY_SECONDS: length
+        delay = float(os.environ.get("BENCH_PYSPY_DELAY", "0"))
+        length = os.environ.get("BENCH_PYSPY_SECONDS", "12")
+        record = f"py-spy record --format raw -o {os.environ['BENCH_PYSPY']} -d {length} -r 200"
         subprocess.Popen(
-            [
-                "py-spy",
-                "record",
-                "--format",
-                "raw",
-                "-o",
-                os.environ["BENCH_PYSPY"],
-                "-d",
-                "12",
-                "-r",
-                "200",
-                "-p",
-                str(proc.pid),
-            ],
+            ["sh", "-c", f"sleep {delay} && exec {record} -p {proc.pid}"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
