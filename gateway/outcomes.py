@@ -7,6 +7,7 @@ ending      written to Kafka                            then
 sent        result + status                             request_id remembered as sent
 failed      original record to the DLQ + result
 expired     result
+cancelled   result                                      (an operator dropped it)
 rejected    original record to the DLQ + result         (the record did not decode)
 duplicate   nothing                                     (already sent or in flight)
 ==========  ==========================================  ===========================
@@ -268,6 +269,26 @@ class Outcomes:
         )
         self._start(
             Status.EXPIRED,
+            origin,
+            req,
+            [Output(self._s.results_topic, record, req.request_id.encode())],
+        )
+
+    def cancelled(self, req: Request, reason: str) -> None:
+        """An operator dropped the request before it was sent: a ``cancelled`` result."""
+        origin = self._origin(req)
+        record = result_record(
+            request_id=req.request_id,
+            status=Status.CANCELLED,
+            app_id=req.app_id,
+            campaign=req.campaign,
+            attempts=req.attempts,
+            error={"reason": "cancelled", "message": reason},
+            partition=origin.partition,
+            offset=origin.offset,
+        )
+        self._start(
+            Status.CANCELLED,
             origin,
             req,
             [Output(self._s.results_topic, record, req.request_id.encode())],

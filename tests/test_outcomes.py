@@ -212,3 +212,19 @@ async def test_a_campaign_tag_reaches_the_result_and_its_bounded_metric() -> Non
     sample = "gateway_campaign_requests_finished_total"
     assert h.sample(sample, campaign="spring", status="sent") == 1
     assert h.sample(sample, campaign="other", status="sent") == 1  # past the label cap
+
+
+async def test_a_cancelled_request_gets_its_result_then_is_finished() -> None:
+    h = Harness(ScriptedPublisher(lambda _t, _v: "ack"))
+    doc = sample_request("app-1", 0)
+    doc["campaign"] = "spring"
+    h.outcomes.cancelled(h.request(0, orjson.dumps(doc)), "dropped by ops")
+    await wait_for(lambda: h.released == [(0, True)], 5, what="the cancelled ending")
+    [(value, key, _headers)] = h.publisher.on(RESULTS)
+    result = orjson.loads(value or b"")
+    assert key == result["request_id"].encode()
+    assert (result["status"], result["campaign"]) == ("cancelled", "spring")
+    assert result["error"] == {"reason": "cancelled", "message": "dropped by ops"}
+    assert h.publisher.on(DLQ) == []
+    assert h.publisher.on(STATUS) == []
+    assert h.sample("gateway_requests_finished_total", app_id="app-1", status="cancelled") == 1
