@@ -13,6 +13,14 @@ intake gives them.
 
 A request of a revoked partition is never sent: the worker checks once its
 slots are granted and hands it back instead (the partition's next owner sends it).
+
+Operators' controls (:mod:`gateway.controls`): a lane *held* by an operator takes no
+request and no slot until it is released; the one its worker holds when the hold
+comes goes back to the front of its queue once its slots are granted, so nothing is
+sent after the hold and the order is kept. :meth:`Lanes.cancel` takes the queued
+requests an operator drops (and the one waiting for its slots), and ``screen``
+names the requests that are dropped as they arrive; both end through
+``on_cancel``.
 """
 
 from __future__ import annotations
@@ -46,7 +54,11 @@ class Lane:
         "_wakeup",
         "app_id",
         "bucket",
+        "current",
+        "current_cancelled",
         "depth",
+        "held",
+        "in_flight",
         "pause_reason",
         "paused_until",
         "project",
@@ -63,6 +75,10 @@ class Lane:
         self.depth = 0
         self.paused_until = 0.0
         self.pause_reason = ""
+        self.held: str | None = None  # an operator's hold, and why
+        self.current: Request | None = None  # taken by the worker, waiting for its slots
+        self.current_cancelled: str | None = None  # dropped meanwhile, and why
+        self.in_flight = 0
         self.worker: asyncio.Task[None] | None = None
 
     def put(self, req: Request) -> None:
@@ -78,6 +94,26 @@ class Lane:
     def pause(self, until: float, reason: str) -> None:
         self.paused_until = until
         self.pause_reason = reason
+
+    def hold(self, reason: str | None) -> None:
+        """An operator's hold (``None`` releases it): no request leaves the lane meanwhile."""
+        self.held = reason
+        self._wake()
+
+    def put_front(self, req: Request) -> None:
+        """Back at the head of its priority's queue (taken, then held before sending)."""
+        self._queues[req.priority].appendleft(req)
+        self.depth += 1
+        self._wake()
+
+    def queued(self) -> tuple[tuple[int, int, int], int]:
+        """Requests waiting: (high, normal, low) and retries."""
+        high, normal, low = self._queues
+        return (len(high), len(normal), len(low)), len(self._retries)
+
+    def waiting(self) -> list[Request]:
+        """Every request waiting in the lane, retries included (a copy)."""
+        return [r for q in self._queues for r in q] + [e[2] for e in self._retries]
 
     def drop(self, keep: Callable[[Request], bool]) -> list[Request]:
         """Remove and return the requests, queued or retrying, for which ``keep`` is False."""
@@ -116,7 +152,9 @@ class Lane:
         while True:
             now = clock()
             timeout: float | None = None
-            if self.paused_until > now:
+            if self.held is not None:
+                pass  # until released: hold() wakes the worker
+            elif self.paused_until > now:
                 timeout = self.paused_until - now
             else:
                 if self._retries:
@@ -175,6 +213,10 @@ class Lanes:
         self._gate = gate
         self._hand_back = hand_back
         self.lanes: dict[str, Lane] = {}
+        self.holds: dict[str, str] = {}  # app_id -> an operator's hold, lane or not yet
+        # an operator's drop rules: why a request is cancelled on arrival (None: it is not)
+        self.screen: Callable[[Request], str | None] | None = None
+        self.on_cancel: Callable[[Request, str], None] | None = None
         self._tasks: dict[asyncio.Task[None], PartitionTracker | None] = {}  # send -> read from
         self._closed = False
         self.in_flight = 0
@@ -185,11 +227,48 @@ class Lanes:
         if lane is None:
             bucket = self._make_app_bucket(app_id, project)
             lane = self.lanes[app_id] = Lane(app_id, bucket, project)
+            lane.held = self.holds.get(app_id)
             lane.worker = asyncio.create_task(self._work(lane), name=f"lane-{app_id}")
         return lane
 
     def put(self, req: Request) -> None:
+        screen = self.screen
+        if screen is not None and self.on_cancel is not None:
+            reason = screen(req)
+            if reason is not None:
+                self.on_cancel(req, reason)
+                return
         self.lane(req.app_id, req.project_id).put(req)
+
+    def hold(self, app_id: str, reason: str | None) -> None:
+        """Hold ``app_id``'s lane (now, or when it is made); ``None`` releases it."""
+        if reason is None:
+            self.holds.pop(app_id, None)
+        else:
+            self.holds[app_id] = reason
+        lane = self.lanes.get(app_id)
+        if lane is not None:
+            lane.hold(reason)
+
+    def cancel(self, select: Callable[[Request], bool], reason: str) -> int:
+        """End every waiting request ``select`` picks through ``on_cancel``; how many.
+
+        Retries count, and so does a request a worker took and that waits for its
+        slots; requests already handed to the sender do not.
+        """
+        on_cancel = self.on_cancel
+        if on_cancel is None:
+            return 0
+        n = 0
+        for lane in self.lanes.values():
+            for req in lane.drop(lambda r: not select(r)):
+                on_cancel(req, reason)
+                n += 1
+            current = lane.current
+            if current is not None and lane.current_cancelled is None and select(current):
+                lane.current_cancelled = reason
+                n += 1
+        return n
 
     def project_for(self, req: Request) -> AnyBucket:
         if req.project_id is None:
@@ -209,6 +288,7 @@ class Lanes:
                 if self._on_expired is not None:
                     self._on_expired(req)
                 continue
+            lane.current, lane.current_cancelled = req, None
             await self._in_flight.acquire()
             if self._gate is not None:
                 # e.g. a valid token is at hand: nothing may stand between slot and wire
@@ -220,13 +300,22 @@ class Lanes:
             waited = await acquire(buckets, clock, guard=not local)
             if self._on_wait is not None:
                 self._on_wait(waited)
+            lane.current = None
             origin = req.origin
             if origin is not None and origin.tracker.revoked:
                 self._in_flight.release()
                 if self._hand_back is not None:
                     self._hand_back(req)
                 continue
+            if lane.current_cancelled is not None or lane.held is not None:
+                self._in_flight.release()
+                if lane.current_cancelled is None:
+                    lane.put_front(req)  # held while it waited: nothing goes out after a hold
+                elif self.on_cancel is not None:
+                    self.on_cancel(req, lane.current_cancelled)
+                continue
             self.in_flight += 1
+            lane.in_flight += 1
             task = asyncio.create_task(self._send(req, lane, buckets if local else ()))
             self._tasks[task] = origin.tracker if origin is not None else None
             task.add_done_callback(self._forget)
@@ -245,6 +334,7 @@ class Lanes:
             lane.put_retry(req, self._clock() + 1.0)
         finally:
             self.in_flight -= 1
+            lane.in_flight -= 1
             self._in_flight.release()
 
     async def stop_workers(self) -> None:

@@ -92,3 +92,107 @@ async def test_a_request_of_a_revoked_partition_is_handed_back_not_sent(
     await wait_for(lambda: len(rec.sent) == 1 and rec.handed_back, 5, what="both handled")
     assert rec.sent == [kept]
     assert rec.handed_back == [revoked]
+
+
+async def test_a_held_lane_sends_nothing_and_sends_all_in_order_once_released() -> None:
+    clock = asyncio.get_running_loop().time
+    rec = Recorder()
+    ls = Lanes(
+        project_bucket=Bucket("project", 10_000, clock=clock),
+        make_app_bucket=lambda app, _project: Bucket(f"app:{app}", 20, clock=clock),
+        channel_buckets={},
+        max_in_flight=10,
+        sender=rec.send,
+        clock=clock,
+    )
+    try:
+        reqs = [request("a1", i) for i in range(10)]
+        for r in reqs:
+            ls.put(r)
+        await wait_for(lambda: len(rec.sent) >= 2, 5, what="the first sends")
+        ls.hold("a1", "ops")
+        at_hold = len(rec.sent)
+        other = request("a2", 0)
+        ls.put(other)  # another app is not held
+        await wait_for(lambda: other in rec.sent, 5, what="the other app's send")
+        # a worker that held a request waiting for its slot puts it back: slots are 50 ms
+        await wait_for(lambda: ls.lanes["a1"].current is None, 5, what="the worker to park")
+        assert len([r for r in rec.sent if r.app_id == "a1"]) == at_hold
+        assert ls.lanes["a1"].depth == 10 - at_hold
+        ls.hold("a1", None)
+        await wait_for(lambda: len(rec.sent) == 11, 5, what="the rest after the release")
+        assert [r for r in rec.sent if r.app_id == "a1"] == reqs
+    finally:
+        await ls.close()
+
+
+async def test_a_new_lane_of_a_held_app_starts_held(lanes: tuple[Lanes, Recorder]) -> None:
+    ls, rec = lanes
+    ls.hold("later", "ops")
+    ls.put(request("later", 0))
+    assert ls.lanes["later"].held == "ops"
+    ls.put(request("a1", 0))
+    await wait_for(lambda: len(rec.sent) == 1, 5, what="the free app's send")
+    assert rec.sent[0].app_id == "a1"
+    assert ls.lanes["later"].depth == 1
+
+
+async def test_cancel_ends_the_waiting_requests_it_picks_and_screen_ends_new_ones(
+    lanes: tuple[Lanes, Recorder],
+) -> None:
+    ls, rec = lanes
+    cancelled: list[tuple[Request, str]] = []
+    ls.on_cancel = lambda req, why: cancelled.append((req, why))
+    ls.hold("a1", "ops")
+    spring = [request("a1", i) for i in range(4)]
+    for r in spring:
+        r.campaign = "spring"
+    other = request("a1", 9)
+    retry = request("a1", 10)
+    retry.campaign = "spring"
+    for r in spring[:2]:
+        ls.put(r)
+    ls.put(other)
+    for r in spring[2:]:
+        ls.put(r)
+    ls.lanes["a1"].put_retry(retry, 0.0)
+    n = ls.cancel(lambda r: r.campaign == "spring", "dropped")
+    assert n == 5
+    assert sorted(r.request_id for r, _ in cancelled) == sorted(
+        r.request_id for r in [*spring, retry]
+    )
+    assert {why for _, why in cancelled} == {"dropped"}
+    assert ls.lanes["a1"].depth == 1
+    ls.screen = lambda r: "rule" if r.campaign == "spring" else None
+    late = request("a1", 11)
+    late.campaign = "spring"
+    ls.put(late)
+    assert cancelled[-1] == (late, "rule")
+    ls.hold("a1", None)
+    await wait_for(lambda: len(rec.sent) == 1, 5, what="the kept request")
+    assert rec.sent == [other]
+
+
+async def test_the_request_waiting_for_its_slot_is_cancelled_not_sent() -> None:
+    clock = asyncio.get_running_loop().time
+    rec = Recorder()
+    ls = Lanes(
+        project_bucket=Bucket("project", 10_000, clock=clock),
+        make_app_bucket=lambda app, _project: Bucket(f"app:{app}", 2, clock=clock),
+        channel_buckets={},
+        max_in_flight=10,
+        sender=rec.send,
+        clock=clock,
+    )
+    cancelled: list[Request] = []
+    ls.on_cancel = lambda req, _why: cancelled.append(req)
+    try:
+        first, second = request("a1", 0), request("a1", 1)
+        ls.put(first)
+        ls.put(second)
+        await wait_for(lambda: ls.lanes["a1"].current is second, 5, what="the second's wait")
+        assert ls.cancel(lambda r: r is second, "dropped") == 1
+        await wait_for(lambda: cancelled == [second], 5, what="its cancellation")
+        assert rec.sent == [first]
+    finally:
+        await ls.close()
