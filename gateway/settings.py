@@ -181,6 +181,8 @@ class Settings:
     results_topic: str = "sinch.outbound.results"
     status_topic: str = "sinch.outbound.status"
     dlq_topic: str = "sinch.outbound.dlq"
+    # ``gateway redrive``'s ledger: one compacted record per DLQ record re-driven
+    redrive_ledger_topic: str = "sinch.outbound.dlq.redriven"
     events_topic: str = "sinch.inbound.events"
     create_topics: bool = True
     topic_partitions: int = 6
