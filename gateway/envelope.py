@@ -233,7 +233,8 @@ def decode(value: bytes | None, *, max_bytes: int) -> Request:
         raise InvalidMessage("bad_field", "payload.message has no known message type")
 
     version = doc.get("envelope_version", 1)
-    if isinstance(version, bool) or version not in ENVELOPE_VERSIONS:
+    numeric = isinstance(version, int | float) and not isinstance(version, bool)
+    if not numeric or version not in ENVELOPE_VERSIONS:  # checked first: a list is unhashable
         raise InvalidMessage("bad_field", "envelope_version must be 1")
     campaign = doc.get("campaign")
     if campaign is not None and (
@@ -244,7 +245,7 @@ def decode(value: bytes | None, *, max_bytes: int) -> Request:
     if project_id is not None and (not isinstance(project_id, str) or not project_id):
         raise InvalidMessage("bad_field", "project_id must be a non-empty string")
     region = doc.get("region")
-    if region is not None and region not in REGIONS:
+    if region is not None and (not isinstance(region, str) or region not in REGIONS):
         raise InvalidMessage("bad_field", "region must be one of us, eu, br")
     expire_at = doc.get("expire_at")
     expire_ts = _rfc3339("expire_at", expire_at) if expire_at is not None else None
