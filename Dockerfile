@@ -16,10 +16,11 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 # A wheel of the project itself (pure Python, built from source), then an
-# install of that wheel with its pinned-by-pyproject runtime dependencies.
+# install of that wheel with its pinned-by-pyproject runtime dependencies and
+# the `fast` extra (uvloop, the event loop `gateway run` then uses).
 RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps --no-binary sinch-gateway \
         --wheel-dir /wheels . \
-    && /opt/venv/bin/pip install --no-cache-dir /wheels/*.whl
+    && /opt/venv/bin/pip install --no-cache-dir "$(echo /wheels/*.whl)[fast]"
 
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="sinch-gateway" \

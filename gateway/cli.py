@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -46,13 +46,36 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def _run(ns: argparse.Namespace) -> int:
-    from gateway.app import Gateway
-
+def _run_settings(ns: argparse.Namespace) -> Settings:
+    """The settings of ``gateway run``, read before its event loop is chosen."""
     # Until the settings are read, so that load()'s warnings are formatted too.
     logs.setup("INFO", ns.log_format or os.environ.get(f"{ENV_PREFIX}LOG_FORMAT", "json").lower())
     settings = load(ns.config, require_credentials=True)
     logs.setup(settings.log_level, ns.log_format or settings.log_format)
+    return settings
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop for ``event_loop``: uvloop's when installed or asked for, else asyncio's."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError(
+                "event_loop", "uvloop installed (pip install 'sinch-gateway[fast]')", choice
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+async def _run(ns: argparse.Namespace) -> int:
+    from gateway.app import Gateway
+
+    settings: Settings = ns.settings
+    log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     stop = asyncio.Event()
     _stop_on_signals(stop)
     await Gateway(settings).run(stop)
@@ -278,9 +301,14 @@ _MORE_COMMANDS: tuple[str, ...] = ()
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     handler = _COMMANDS.get(ns.command) or ns.handler
-    coro: Coroutine[Any, Any, int] = handler(ns)
     try:
-        return asyncio.run(coro)
+        factory = None
+        if ns.command == "run":
+            ns.settings = _run_settings(ns)
+            factory = loop_factory(ns.settings.event_loop)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            coro: Coroutine[Any, Any, int] = handler(ns)
+            return runner.run(coro)
     except ConfigError as exc:
         for problem in getattr(exc, "problems", None) or [exc]:
             print(f"gateway: {problem}", file=sys.stderr)

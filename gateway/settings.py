@@ -280,6 +280,8 @@ class Settings:
     # Operations
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # the event loop of `gateway run`: uvloop when installed (the `fast` extra), else asyncio
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     max_app_labels: int = 200
     max_campaign_labels: int = 50
 

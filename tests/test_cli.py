@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 import pytest
 
@@ -100,3 +101,25 @@ def test_run_help_names_the_environment_and_the_config_file(
     assert "(default: the file named by $GATEWAY_CONFIG, else none)" in option_help(
         text, "--config"
     )
+
+
+def test_event_loop_auto_takes_uvloop_when_installed_and_asyncio_when_asked() -> None:
+    import uvloop
+
+    from gateway.cli import loop_factory
+
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None
+
+
+def test_event_loop_uvloop_without_uvloop_stops_startup_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway.cli import loop_factory
+    from gateway.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert loop_factory("auto") is None
+    with pytest.raises(ConfigError, match="event_loop"):
+        loop_factory("uvloop")
