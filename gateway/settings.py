@@ -276,6 +276,8 @@ class Settings:
     # Replay protection: nonces seen within twice webhook_max_age_s, at most this
     # many (about 250 bytes each: 100,000 take ~25 MB of a 512 Mi pod).
     webhook_nonce_cache_size: int = 100_000
+    # bearer token of the admin API under /admin/ (unset or empty: the API is off)
+    admin_token: Secret | None = None
 
     # Operations
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
