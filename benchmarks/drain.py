@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,10 +181,11 @@ async def run_gateway(
     timeline: bool = False,
     lane_horizon_s: float = 0,
     spill_partitions: int = 24,
+    event_loop: str = "asyncio",
 ) -> dict[str, Any]:
     tag, sim_port, sim = await backlog_and_simulator(bootstrap, mix, seed, spill_partitions)
     http_port = free_port()
-    extra: dict[str, object] = {"spill_partitions": spill_partitions}
+    extra: dict[str, object] = {"spill_partitions": spill_partitions, "event_loop": event_loop}
     if lane_horizon_s:
         extra["lane_horizon_s"] = lane_horizon_s
     env = gateway_env(
@@ -287,82 +287,37 @@ def print_mix(mix: Mix, gw: dict[str, Any], base: dict[str, Any]) -> None:
     print(f"  429s by scope: gateway {gw['429_scopes']}, simple loop {base['429_scopes']}")
 
 
-async def cpu_per_call_paced(
-    call: Callable[[], Coroutine[Any, Any, None]], count: int, rate: float
-) -> float:
-    """Start ``call`` ``count`` times evenly at ``rate``; CPU microseconds per call."""
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
-    cpu0, t0 = time.process_time(), loop.time()
-    for i in range(count):
-        delay = t0 + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(call())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
-    return (time.process_time() - cpu0) / count * 1e6
+async def run_floor(mix: Mix, gw: dict[str, Any], event_loop: str) -> dict[str, Any]:
+    """benchmarks/floor.py for the mix: one lane per app, paced to the rate the gateway reached.
 
-
-async def aiohttp_floor(
-    bootstrap: str, rate: float = 800, seconds: float = 6, concurrency: int = 50
-) -> tuple[float, float, float]:
-    """CPU per request of a bare aiohttp client against the simulator: the floor.
-
-    Returns (paced at ``rate``, unpaced with ``concurrency`` requests in flight, paced and
-    each answer followed by the two Kafka records the gateway writes). Pacing costs CPU by
-    itself: every send is a turn of the event loop of its own.
+    Same simulator (its own instance, limits off so that every answer is a 200 like the
+    gateway's), as many lanes as the mix has apps, at the gateway's own messages per second
+    over its drain, on the same event loop.
     """
+    rate = min(mix.project_rate, gw["sent"] / gw["actual_s"]) if gw["actual_s"] else 800.0
     port = free_port()
     sim = start_simulator(port, "--app-rate", "1000000", "--project-rate", "1000000")
     try:
-        async with aiohttp.ClientSession() as http:
-            token_url = f"http://127.0.0.1:{port}/oauth2/token"
-            basic = {"Authorization": "Basic ZGVtby1rZXk6ZGVtby1zZWNyZXQ="}
-            form = {"grant_type": "client_credentials"}
-            async with http.post(token_url, data=form, headers=basic) as resp:
-                token = (await resp.json())["access_token"]
-            url = f"http://127.0.0.1:{port}/us/v1/projects/demo-project/messages:send"
-            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-            body = orjson.dumps(sample_request("floor", 0)["payload"])
-
-            async def one() -> None:
-                async with http.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-
-            count = int(rate * seconds)
-            paced = await cpu_per_call_paced(one, count, rate)
-            gate = asyncio.Semaphore(concurrency)
-
-            async def gated() -> None:
-                async with gate:
-                    await one()
-
-            cpu0 = time.process_time()
-            await asyncio.gather(*(gated() for _ in range(count)))
-            unpaced = (time.process_time() - cpu0) / count * 1e6
-
-            # the same paced POSTs, each followed by the two records the gateway writes
-            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=25)
-            await producer.start()
-            try:
-
-                async def with_records() -> None:
-                    async with http.post(url, data=body, headers=headers) as resp:
-                        out = await resp.read()
-                    acks = [
-                        await producer.send("floor-results", out, key=b"k"),
-                        await producer.send("floor-status", out, key=b"k"),
-                    ]
-                    await asyncio.gather(*acks)
-
-                pipeline = await cpu_per_call_paced(with_records, count, rate)
-            finally:
-                await producer.stop()
-            return paced, unpaced, pipeline
+        wait_port(port)
+        cmd = [sys.executable, "-m", "benchmarks.floor", "--port", str(port)]
+        cmd += ["--lanes", str(len(mix.counts)), "--rate", f"{rate:.1f}"]
+        cmd += ["--seconds", f"{min(10.0, max(2.0, gw['actual_s'])):.1f}", "--loop", event_loop]
+        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 120)
     finally:
         stop(sim)
+    floor: dict[str, Any] = orjson.loads(stdout.splitlines()[-1])
+    floor["rate"] = rate
+    return floor
+
+
+def print_cpu(mix: Mix, gw: dict[str, Any], floor: dict[str, Any]) -> None:
+    ratio = gw["cpu_us"] / floor["cpu_us_per_request"]
+    print(
+        f"  CPU ({floor['loop']}): gateway {gw['cpu_us']:.0f} us per message; a bare aiohttp "
+        f"client, {len(mix.counts)} lanes paced to {floor['rate']:.0f}/s, "
+        f"{floor['cpu_us_per_request']:.0f} us per request; ratio {ratio:.2f}"
+    )
 
 
 async def memory_run(bootstrap: str, records: int, seconds: float, apps: int) -> None:
@@ -439,6 +394,12 @@ async def main() -> None:
     p.add_argument("--spill-partitions", type=int, default=24, help="partitions of the spill topic")
     p.add_argument("--only", help="run only the mixes whose name contains this")
     p.add_argument("--scale", type=float, default=1.0, help="backlog of mix (a) times this")
+    p.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop", "both"],
+        default="asyncio",
+        help="event loop of the gateway and of the CPU floor (both: each mix twice)",
+    )
     ns = p.parse_args()
     with EmbeddedBroker() as broker:
         if ns.memory:
@@ -448,25 +409,26 @@ async def main() -> None:
             "rates as in Sinch (app 20/s, project 800/s); mix (b') scales the app cap to "
             "100/s; simulator in strict mode"
         )
-        paced, unpaced, pipeline = await aiohttp_floor(broker.bootstrap)
-        print(
-            "floor (same machine, now): a bare aiohttp client posting to the simulator uses "
-            f"{paced:.0f} us CPU per request paced at 800/s ({unpaced:.0f} us unpaced); "
-            f"with the two Kafka records per answer, {pipeline:.0f} us"
-        )
+        loops = ["asyncio", "uvloop"] if ns.loop == "both" else [ns.loop]
         for i, mix in enumerate(mixes(ns.scale)):
             if ns.only and ns.only not in mix.name:
                 continue
-            gw = await run_gateway(
-                broker.bootstrap,
-                mix,
-                seed=i,
-                timeline=ns.timeline,
-                lane_horizon_s=ns.lane_horizon,
-                spill_partitions=ns.spill_partitions,
-            )
+            runs = []
+            for event_loop in loops:
+                gw = await run_gateway(
+                    broker.bootstrap,
+                    mix,
+                    seed=i,
+                    timeline=ns.timeline,
+                    lane_horizon_s=ns.lane_horizon,
+                    spill_partitions=ns.spill_partitions,
+                    event_loop=event_loop,
+                )
+                runs.append((gw, await run_floor(mix, gw, event_loop)))
             base = await run_baseline(broker.bootstrap, mix, seed=i, seconds=ns.baseline_seconds)
-            print_mix(mix, gw, base)
+            print_mix(mix, runs[0][0], base)
+            for gw, floor in runs:
+                print_cpu(mix, gw, floor)
 
 
 if __name__ == "__main__":
