@@ -5,8 +5,9 @@ Startup order (:meth:`Gateway.run`, one named step each):
   not yet, the webhook answers 503 until it can publish) → topics (if
   ``create_topics``) → Sinch and auth HTTP sessions → token manager and its
   keeper → results producer, events producer (each retried with back-off while
-  Kafka is down) → outcomes, delivery, lanes, adaptive rates → consumer →
-  intake loop, commit loop, adaptive recovery.
+  Kafka is down) → outcomes, delivery, lanes, adaptive rates → operators'
+  controls (read once, then followed; the admin API answers from here on) →
+  consumer → intake loop, commit loop, adaptive recovery.
 
 Shutdown order (SIGTERM/SIGINT only set the stop event):
   not ready → stop fetching → stop lane workers → let in-flight sends finish
@@ -26,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -35,8 +37,10 @@ from prometheus_client import CollectorRegistry
 from gateway import logs
 from gateway.adaptive import AdaptiveRates
 from gateway.admin import Health, make_admin_app, start_site
+from gateway.admin_api import AdminApi, describe_lanes
 from gateway.app_rates import AppRates
 from gateway.consumer import Intake
+from gateway.controls import Controls, LaneTarget, LocalStore, RedisStore, Store
 from gateway.dedupe import GroupSentIds, RecentIds
 from gateway.delivery import Delivery
 from gateway.envelope import Request
@@ -111,6 +115,10 @@ class Gateway:
         self.delivery: Delivery | None = None
         self.tokens: dict[str, TokenSource] = {}  # by project_id
         self._stopping = False
+        self.admin_api = AdminApi(settings.admin_token, self.metrics)
+        self.controls: Controls | None = None
+        self._rates: AppRates | None = None
+        self._redis: Any = None  # the client shared with the webhook's nonces, with redis_url
 
     # -- readiness --------------------------------------------------------
 
@@ -206,6 +214,7 @@ class Gateway:
         s = self.settings
         async with AsyncExitStack() as stack:
             nonces = nonce_redis(s)  # replays refused on every replica, when Redis is set
+            self._redis = nonces
             if nonces is not None:
                 stack.push_async_callback(nonces.aclose)
                 self._group_sent = GroupSentIds(nonces, ttl_s=s.dedupe_ttl_s)
@@ -229,6 +238,7 @@ class Gateway:
             await self._start_limiter(stack)
             pipe = self._build_pipeline(self.tokens, publisher, sinch_session, receiver)
             self._bind_metrics(pipe, health)
+            await self._start_controls(stack, pipe, stop)
             await pipe.rates.start()
             stack.push_async_callback(pipe.rates.stop)
             await self._retry_kafka(pipe.intake.start, stop, "start consumer")
@@ -250,6 +260,7 @@ class Gateway:
     ) -> None:
         s = self.settings
         admin = make_admin_app(self.registry, health)
+        self.admin_api.add_routes(admin)
         if s.webhook_port is None:
             admin.router.add_post(WEBHOOK_PATH, receiver.handle)
         else:
@@ -433,15 +444,7 @@ class Gateway:
     ) -> AppRates:
         """Each app's rate as Sinch reports it (a configured rate wins), followed live."""
         m = self.metrics
-
-        def follow(app_id: str) -> None:
-            lane = lanes_ref[0].lanes.get(app_id) if lanes_ref else None
-            if lane is None:
-                return
-            rate = rates.effective_rate(app_id)
-            if rate != lane.bucket.rate:
-                lane.bucket.set_rate(rate)
-                _changed(lane.bucket)
+        follow = self._follow_rate
 
         def on_rate(app_id: str, _rate: float, source: str) -> None:
             label = m.app_label(app_id)
@@ -475,7 +478,68 @@ class Gateway:
             on_read=lambda _app_id, result: m.sinch_app_reads.labels(result).inc(),
             before_read=project_slot,
         )
+        self._rates = rates
         return rates
+
+    def _base_rate(self, app_id: str, project_id: str | None) -> tuple[float, str]:
+        """An app's rate without an operator's override, and where it comes from."""
+        s = self.settings
+        rates = self._rates
+        if project_id in (None, s.project_id) and rates is not None:
+            return rates.effective_rate(app_id), rates.source_of(app_id)
+        configured = s.apps.get(app_id)
+        source = "configured" if configured is not None and configured.rate else "fallback"
+        return s.app_rate_for(app_id), source
+
+    def _rate_in_force(self, app_id: str, project_id: str | None) -> float:
+        """An operator's rate while it is in force, else the configured, Sinch's or app_rate."""
+        override = self.controls.rate_override(app_id) if self.controls is not None else None
+        return override.rate if override is not None else self._base_rate(app_id, project_id)[0]
+
+    def _follow_rate(self, app_id: str) -> None:
+        """Re-pace ``app_id``'s bucket (its rate in force changed)."""
+        lane = self.lanes.lanes.get(app_id) if self.lanes is not None else None
+        if lane is None:
+            return
+        rate = self._rate_in_force(app_id, lane.project)
+        if rate != lane.bucket.rate:
+            lane.bucket.set_rate(rate)
+            _changed(lane.bucket)
+
+    async def _start_controls(
+        self, stack: AsyncExitStack, pipe: _Pipeline, stop: asyncio.Event
+    ) -> None:
+        """Operators' controls (pause, rate, drop), group-wide in Redis when it is set.
+
+        Read once before the consumer starts, so that a paused app sends nothing
+        after a restart, then followed every ``POLL_S``.
+        """
+        s = self.settings
+        lanes, intake = pipe.lanes, pipe.intake
+        store: Store = LocalStore()
+        if self._redis is not None:
+            store = RedisStore(self._redis, f"{s.redis_key_prefix}controls:{s.group_id}")
+        controls = Controls(store, LaneTarget(lanes, self._follow_rate))
+        self.controls = controls
+        lanes.on_cancel = pipe.outcomes.cancelled
+        lanes.screen = controls.screen
+        await controls.refresh()
+        task = asyncio.create_task(controls.run(stop), name="controls")
+        stack.push_async_callback(_cancel, task)
+        self.metrics.sending_paused.labels("admin").set_function(lambda: len(lanes.holds))
+        clock = asyncio.get_running_loop().time
+
+        def describe() -> list[dict[str, Any]]:
+            return describe_lanes(
+                lanes,
+                controls,
+                rate_of=self._base_rate,
+                spilled=intake.spill.outstanding,
+                now=clock(),
+                wall=time.time(),
+            )
+
+        self.admin_api.attach(controls, describe)
 
     def _bind_metrics(self, pipe: _Pipeline, health: Health) -> None:
         m = self.metrics
@@ -581,9 +645,7 @@ class Gateway:
         def app_bucket(app_id: str, project_id: str | None) -> Bucket | SharedBucket:
             if project_id in (None, s.project_id):
                 rates.note_app(app_id)  # a new app's rate is read from Sinch at once
-                rate = rates.effective_rate(app_id)
-            else:
-                rate = s.app_rate_for(app_id)
+            rate = self._rate_in_force(app_id, project_id)
             return bucket(f"app:{app_id}", rate, s.app_burst_for(app_id))
 
         def expired(req: Request) -> bool:

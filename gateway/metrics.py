@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 STATUS_CLASSES = ("2xx", "4xx", "429", "5xx", "error")
+ADMIN_ACTIONS = ("pause", "resume", "rate", "rate_clear", "drop")
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -105,8 +106,10 @@ class Metrics:
             self.commits.labels(result)
         for event in ("revoked", "assigned"):
             self.rebalances.labels(event)
-        for scope in ("auth", "project", "app"):
+        for scope in ("auth", "project", "app", "admin"):
             self.sending_paused.labels(scope)
+        for action in ADMIN_ACTIONS:
+            self.admin_actions.labels(action)
 
     def _intake(self, r: CollectorRegistry) -> None:
         """Records read from Kafka, and what holds them before a lane."""
@@ -366,8 +369,16 @@ class Metrics:
             "gateway_sending_paused",
             "Sending held: scope 'auth' is 1 while Sinch refuses the credentials, "
             "scope 'project' while it refuses the project; "
-            "scope 'app' counts the app lanes held after an app-level refusal.",
+            "scope 'app' counts the app lanes held after an app-level refusal, "
+            "scope 'admin' the apps an operator paused.",
             ["scope"],
+            registry=r,
+        )
+        self.admin_actions = Counter(
+            "gateway_admin_actions",
+            "Changes made through the admin API on this replica, by action "
+            "(pause, resume, rate, rate_clear, drop).",
+            ["action"],
             registry=r,
         )
         self.ready = Gauge("gateway_ready", "1 when /readyz answers 200.", registry=r)

@@ -70,7 +70,9 @@ def test_fixed_label_children_exist_at_zero_from_the_start() -> None:
     results = {dict(k)["result"] for k in samples["gateway_token_refreshes_total"]}
     assert results == {"success", "failure"}
     scopes = {dict(k)["scope"] for k in samples["gateway_sending_paused"]}
-    assert scopes == {"auth", "project", "app"}
+    assert scopes == {"auth", "project", "app", "admin"}
+    actions = {dict(k)["action"] for k in samples["gateway_admin_actions_total"]}
+    assert actions == {"pause", "resume", "rate", "rate_clear", "drop"}
 
 
 def test_lane_depth_reads_the_lanes_at_scrape_time_and_caps_apps() -> None:
