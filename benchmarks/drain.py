@@ -3,6 +3,7 @@
     python -m benchmarks.drain                      # the four mixes, gateway and simple loop
     python -m benchmarks.drain --only "(b')" --timeline   # one mix, per-second acceptances
     python -m benchmarks.drain --memory --apps 1    # 1,000,000 records in Kafka, RSS while draining
+    python -m benchmarks.drain --replicas 2,3       # several replicas: benchmarks/replicas.py
 
 Each mix publishes its backlog first, then starts the gateway (its own process) and
 measures, from the simulator's records and /proc:
@@ -400,7 +401,16 @@ async def main() -> None:
         default="asyncio",
         help="event loop of the gateway and of the CPU floor (both: each mix twice)",
     )
+    # several replicas (issue 11): benchmarks/replicas.py runs them, with its own mixes
+    from benchmarks import replicas
+
+    replicas.add_arguments(p)
     ns = p.parse_args()
+    if ns.replicas:
+        await replicas.run(ns)
+        return
+    if ns.rolling_restarts or ns.kill:
+        p.error("--rolling-restarts and --kill need --replicas")
     with EmbeddedBroker() as broker:
         if ns.memory:
             await memory_run(broker.bootstrap, ns.records, ns.seconds, ns.apps)

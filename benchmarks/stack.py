@@ -7,6 +7,7 @@ gateway alone (from /proc), never mixed with the broker's or the simulator's.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -157,3 +158,27 @@ async def sim_post(
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
     return stop_process(proc, timeout)
+
+
+Sample = tuple[str, dict[str, str], float]
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+async def gateway_samples(http: aiohttp.ClientSession, port: int) -> list[Sample]:
+    """Every sample on the gateway's /metrics: (name, labels, value)."""
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    samples: list[Sample] = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name, _, rest = head.partition("{")
+        samples.append((name, dict(LABEL.findall(rest)), float(value)))
+    return samples
+
+
+async def gateway_ready(http: aiohttp.ClientSession, port: int) -> dict[str, Any]:
+    """The gateway's /readyz body (200 or 503 alike)."""
+    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+        return await resp.json()  # type: ignore[no-any-return]
