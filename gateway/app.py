@@ -167,6 +167,9 @@ class Gateway:
         def progress() -> tuple[bool, str]:
             intake = self.intake
             stalled = intake.stalled() if intake is not None else []
+            held = sorted(self.lanes.holds) if self.lanes is not None else []
+            if stalled and held:  # an operator's pause holds commits on purpose
+                return True, f"partitions {stalled} wait for apps paused by an operator: {held}"
             if stalled:
                 return False, (
                     f"partitions {stalled} have not committed for "

@@ -62,7 +62,9 @@ async def test_pausing_an_app_stops_its_sends_within_one_slot_and_resuming_loses
     broker, simulator_factory, topics
 ):
     sim = await simulator_factory(app_rate=20)
-    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=20, admin_token=TOKEN)
+    settings = settings_for(
+        broker.bootstrap, sim.port, topics, app_rate=20, admin_token=TOKEN, stall_timeout_s=0.5
+    )
     held = docs_of("held", 60)
     async with running(settings) as gw:
         await publish(broker.bootstrap, settings.requests_topic, keyed(held))
@@ -96,6 +98,10 @@ async def test_pausing_an_app_stops_its_sends_within_one_slot_and_resuming_loses
         assert lane["paused_why"][0]["who"] == "tester"
         assert lane["queued"]["total"] == 60 - len(sent)
         assert len(sent) < 60
+        # its partition commits nothing past its queued records, on purpose: still ready
+        status, ready = await admin(gw, "GET", "/readyz", token=None)
+        assert status == 200, ready
+        assert "paused by an operator: ['held']" in ready["checks"]["progress"]["detail"]
         status, _ = await admin(gw, "POST", "/admin/apps/held/resume")
         assert status == 200
 
