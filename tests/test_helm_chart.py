@@ -49,6 +49,7 @@ CHART_MANAGED = {
     "kafka_sasl_password",
     "webhook_secrets",
     "redis_url",
+    "admin_token",
 }
 # What a mounted Secret key holds, by variable (any other: an opaque demo string).
 SECRET_FILE_TEXT = {
