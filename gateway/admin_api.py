@@ -128,8 +128,9 @@ def describe_lanes(
             "paused_why": paused,
             "campaigns": dict(campaigns.most_common()),
         }
-        if spilled is not None:
-            entry["spilled"] = spilled.get(app_id, 0)
+        if spilled is not None and app_id in spilled:
+            # known for records this replica spilled since it started, not for older ones
+            entry["spilled"] = spilled[app_id]
         out.append(entry)
     return out
 

@@ -176,7 +176,7 @@ def lanes_table(doc: dict[str, Any], now: float | None = None) -> str:
                 str(q.get("total", 0)),
                 f"{q.get('high', 0)}/{q.get('normal', 0)}/{q.get('low', 0)}",
                 str(q.get("retries", 0)),
-                str(lane["spilled"]) if "spilled" in lane else "?",
+                str(lane["spilled"]) if "spilled" in lane else "-",
                 str(lane.get("in_flight", 0)),
                 _paused_cell(lane.get("paused_why", [])),
                 shown or "-",
