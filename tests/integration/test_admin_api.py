@@ -251,3 +251,27 @@ async def test_with_redis_a_control_set_on_one_replica_applies_on_another(
         status, _ = await admin(two, "POST", "/admin/apps/g1/resume")
         await wait_for(lambda: "g1" not in one.lanes.holds, 1.0, 0.01)  # type: ignore[union-attr]
     assert seen_s < 1.0
+
+
+async def test_a_drop_rule_with_for_s_cancels_the_campaign_as_it_is_read(
+    broker, simulator_factory, topics
+):
+    sim = await simulator_factory(app_rate=50)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=50, admin_token=TOKEN)
+    later = docs_of("e1", 20, campaign="summer") + docs_of("e1", 5, 20)
+    summer = {d["request_id"] for d in later if d.get("campaign") == "summer"}
+    async with running(settings) as gw:
+        status, answer = await admin(
+            gw, "POST", "/admin/drop", {"app_id": "e1", "campaign": "summer", "for_s": 60}
+        )
+        assert status == 200, answer
+        assert answer["cancelled"] == 0
+        assert "not covered" not in answer["note"]
+        await publish(broker.bootstrap, settings.requests_topic, keyed(later))
+        results = await read_records(broker.bootstrap, settings.results_topic, len(later), 20)
+        await wait_for(lambda: committed(gw) == len(later), 15, what="every offset committed")
+        accepted = {a["correlation_id"] for a in await sim.accepted()}
+    status_of = {(doc := orjson.loads(r.value))["request_id"]: doc["status"] for r in results}
+    assert len(status_of) == len(results) == len(later)
+    assert {rid for rid, st in status_of.items() if st == "cancelled"} == summer
+    assert accepted == set(status_of) - summer
