@@ -322,9 +322,10 @@ class Intake:
         ahead = min(lane.bucket.pace * s.lane_horizon_s, part)
         return max(float(s.lane_min_read_ahead), ahead)
 
-    def has_room(self, app_id: str) -> bool:
+    def has_room(self, app_id: str, times: float = 1.0) -> bool:
+        """The app's lane holds less than ``times`` its read-ahead."""
         lane = self._lanes.lanes.get(app_id)
-        return lane is None or lane.depth < self.read_ahead(lane)
+        return lane is None or lane.depth < times * self.read_ahead(lane)
 
     def wants_more(self, app_id: str) -> bool:
         """A lane drained to half its read-ahead: worth a fetch from its spill partition."""
@@ -363,7 +364,9 @@ class Intake:
     def take_spilled(self, tracker: PartitionTracker, record: Any) -> bool:
         """One record of the spill topic; False (and a seek back) if its lane is full."""
         app_id = record.key.decode(errors="replace") if record.key else ""
-        if app_id and not self.has_room(app_id):
+        if app_id and not self.has_room(app_id) and not (
+            self.has_room(app_id, 2.0) and self.spill.others_want(tracker.partition, app_id)
+        ):
             self.spill.blocked(tracker.partition, app_id)
             self.consumer.seek(TopicPartition(tracker.topic, tracker.partition), record.offset)
             return False
@@ -430,33 +433,14 @@ class Intake:
         if partition is None:  # no spill partition here: the budget alone bounds memory
             self._lanes.put(req)
             return
-        moving = [req]
-        if not self.spill.spilling(app_id):
-            # The app starts spilling: what its lane holds from the requests topic goes
-            # first, in order, but for about a second of sends, which keeps the lane
-            # busy while the spill comes back. Otherwise those records would hold their
-            # partitions' commits for a whole read-ahead, with everything spilled after
-            # them finished beyond the commit: sent again after a crash wherever the
-            # broker keeps no commit metadata.
-            requests = self._s.requests_topic
-            lane = self._lanes.lane(app_id, req.project_id)
-            keep = [max(1, int(lane.bucket.pace))]
-
-            def move(r: Request) -> bool:
-                if r.priority is Priority.HIGH or r.origin is None:
-                    return False
-                if r.origin.topic != requests:
-                    return False
-                keep[0] -= 1
-                return keep[0] < 0
-
-            moving = [*lane.take_queued(move), req]
-        for r in moving:
-            self.spill.note_spilled(app_id)
-            # the copy may be read back before Kafka's acknowledgement arrives here:
-            # it must not be taken for a duplicate of its own original
-            self.in_progress.discard(r.request_id)
-            self._outcomes.spilled(r, topic=self._s.spill_topic, partition=partition)
+        # What the lane holds stays there: it is sent first, while the spill waits. (A
+        # broker that keeps no commit metadata re-sends, after a crash, what was finished
+        # beyond the commit that those records hold; the group's sent ids in Redis cover it.)
+        self.spill.note_spilled(app_id)
+        # the copy may be read back before Kafka's acknowledgement arrives here:
+        # it must not be taken for a duplicate of its own original
+        self.in_progress.discard(req.request_id)
+        self._outcomes.spilled(req, topic=self._s.spill_topic, partition=partition)
 
     def release(self, ending: Ending, finished: bool) -> None:
         """``release`` for :class:`Outcomes`: the record's ending is written (or abandoned)."""

@@ -15,9 +15,14 @@ is next in it has room in its lane, or while that app is not known yet (after
 an assignment or a restart, or once the partition is read to its end). When
 the next record belongs to an app whose lane is full, reading stops there
 (the consumer seeks back to it) until that lane has drained to half its
-read-ahead, and then fills it again in one fetch: no record is read into memory
-beyond a lane's read-ahead, none is written twice, and a lane is refilled in
-batches rather than one fetch round trip per record.
+read-ahead, and then fills it again in one fetch: none is written twice, and a
+lane is refilled in batches rather than one fetch round trip per record.
+
+Apps that share a spill partition must not wait for each other: while another
+app with records in the partition wants more, the full app's records met on
+the way are taken all the same, up to twice its read-ahead (a lane's read-ahead
+is at most its part of half the record budget, so memory stays within the
+budget); only past that does reading stop at it.
 
 This module keeps that state; it does no I/O.
 """
@@ -88,7 +93,15 @@ class SpillState:
 
     def wanted(self, partition: int) -> bool:
         head = self.head.get(partition)
-        return head is None or self._wants_more(head)
+        return head is None or self._wants_more(head) or self.others_want(partition, head)
+
+    def others_want(self, partition: int, app_id: str) -> bool:
+        """Another app with spilled records waiting in ``partition`` wants more."""
+        wants_more = self._wants_more
+        return any(
+            p == partition and app != app_id and self.spilling(app) and wants_more(app)
+            for app, p in self.partition_of.items()
+        )
 
     def revoked(self, partitions: Iterable[int]) -> None:
         """Spill partitions went to another replica: their apps start afresh here."""

@@ -14,14 +14,14 @@ from prometheus_client import CollectorRegistry
 from gateway.cli import sample_request
 from gateway.consumer import Intake
 from gateway.dedupe import RecentIds
-from gateway.envelope import Request
+from gateway.envelope import Request, decode
 from gateway.lanes import Lane, Lanes
 from gateway.limiter import Bucket
 from gateway.metrics import Metrics
 from gateway.outcomes import Outcomes
 from gateway.settings import load
 from tests.conftest import wait_for
-from tests.fakes import TOPIC, FakeClock, FakeConsumer, ScriptedPublisher
+from tests.fakes import TOPIC, FakeClock, FakeConsumer, Record, ScriptedPublisher
 
 RESULTS = "sinch.outbound.results"
 DLQ = "sinch.outbound.dlq"
@@ -288,3 +288,42 @@ async def test_a_spill_partition_is_read_only_while_its_app_has_room(rig: Any) -
     lane = r.lanes.lanes["campaign"]
     assert lane.depth <= 6  # never more than the read-ahead in memory
     assert r.intake.buffered <= 8
+
+
+async def test_apps_sharing_a_spill_partition_do_not_wait_for_each_other(rig: Any) -> None:
+    """A full app's spilled record is taken while another app of the partition wants more,
+    up to twice its read-ahead; past that (or when no other app wants more) the read stops."""
+    r = await rig(rates={"x": 1.0, "y": 1.0}, lane_horizon_s=10, lane_min_read_ahead=1)
+    await r.intake.start()
+    tps = {TopicPartition(TOPIC, 0), TopicPartition(SPILL, 0)}
+    r.consumer.assigned = set(tps)
+    await r.intake.assign(tps)
+    spill = r.intake.trackers[TopicPartition(SPILL, 0)]
+    r.open.clear()  # nothing is sent: the lanes keep what they are given
+    for app in ("x", "y"):
+        r.intake.spill.note_spilled(app)
+        r.intake.spill.partition_of[app] = 0
+    x = r.lanes.lane("x")
+    ahead = r.intake.read_ahead(x)  # about 10 records
+    for n in range(int(ahead) + 1):
+        r.lanes.put(decode(orjson.dumps(sample_request("x", n)), max_bytes=10_000))
+    offsets = iter(range(1000))
+
+    def x_record() -> Record:
+        value = orjson.dumps(sample_request("x", 100 + next(offsets)))
+        return Record(0, next(offsets), value, topic=SPILL, key=b"x")
+
+    assert not r.intake.has_room("x")
+    # y's lane is empty and wants more: x's records met on the way are taken
+    assert r.intake.take_spilled(spill, x_record())
+    while r.intake.has_room("x", 2.0):
+        assert r.intake.take_spilled(spill, x_record())
+    assert x.depth <= 2 * ahead + 1
+    # twice the read-ahead: the read stops at x
+    assert not r.intake.take_spilled(spill, x_record())
+    assert r.intake.spill.head[0] == "x"
+    assert r.intake.spill.wanted(0)  # y still wants more: the partition stays wanted
+    # no other app wants more: a full app stops the read at once
+    for n in range(int(ahead) + 1):
+        r.lanes.put(decode(orjson.dumps(sample_request("y", n)), max_bytes=10_000))
+    assert not r.intake.spill.wanted(0)
