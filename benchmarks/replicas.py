@@ -13,8 +13,10 @@ skips it). Mixes (``--only`` picks; ``--rolling-restarts`` and ``--kill`` run (a
 ``--only`` says otherwise; ``--scale`` multiplies both backlogs):
   (a) 40 apps uniform, 8,000 requests, 20/s per app, 800/s per project
   (r) 200 apps, one ("hot-app") with 30 % of 8,000 requests; every app 20/s except the hot
-      one (``--hot-rate``, 400/s by default, so that the project cap binds: the ideal time
-      is 7,999/800 = 10 s, the hot app alone would need 6 s at its rate)
+      one (``--hot-rate``, 200/s by default): the project cap binds while the 199 others
+      have work (their 5,600 requests take 9.3 s at the 600/s the hot app leaves them), and
+      the hot app's 2,400 bind the ideal time at 2,399/200 = 12 s: it must get its whole
+      rate from the first second, beside 199 apps that would take the whole project cap
 
 Figures, from the simulator's records with drain.py's definitions (efficiency = ideal /
 actual from the first send to the last; 429s by scope; the most requests received in any
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import random
 import shutil
 import signal
@@ -374,6 +377,7 @@ async def run_once(
     run = Run(mix, bootstrap, tag, sim_port, redis.url if redis else None, event_loop)
     done = asyncio.Event()
     start_wall = time.time()
+    load = os.getloadavg()[0]
     try:
         for _ in range(n):
             await run.start_replica()
@@ -398,7 +402,7 @@ async def run_once(
         stop(sim)
         if redis is not None:
             await asyncio.to_thread(redis.stop)
-    return measure(run, stats, accepted, backlog, start_wall)
+    return measure(run, stats, accepted, backlog, start_wall) | {"load": load}
 
 
 def measure(
@@ -428,6 +432,13 @@ def measure(
         "duplicates": len(duplicated),
         "extra_copies": sum(n - 1 for n in duplicated.values()),
         "lost": sum(1 for rid in backlog.ids if rid not in copies),
+        "dup_partitions": dict(
+            sorted(
+                Counter(
+                    backlog.partition_of[backlog.ids[r]] for r in duplicated if r in backlog.ids
+                ).items()
+            )
+        ),
         "sends": ", ".join(
             f"{r.name} {r.sent:.0f}" + (f" ({r.ending})" if r.ending else "") for r in run.replicas
         ),
@@ -477,6 +488,7 @@ ROWS = [
     ("lost", "lost", "{:.0f}"),
     ("CPU per message (us)", "cpu_us", "{:.0f}"),
     ("peak RSS, one replica (MB)", "rss_mb", "{:.0f}"),
+    ("load average at start", "load", "{:.1f}"),
 ]
 
 
@@ -507,6 +519,8 @@ def print_table(mix: RatedMix, runs: list[tuple[str, dict[str, Any]]]) -> None:
                 "    events (s from the first send): "
                 + "; ".join(f"{t:.2f} {what}" for t, what in r["events"])
             )
+        if r["duplicates"]:
+            print(f"    duplicates by partition: {r['dup_partitions']}")
         for rid, app, partition, times in r["dup_detail"]:
             at = ", ".join(f"{t:.2f}" for t in times)
             print(f"    twice: {rid} ({app}, partition {partition}) accepted at {at}")
@@ -528,7 +542,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--kill", action="store_true", help="SIGKILL one replica mid-drain")
     p.add_argument(
-        "--hot-rate", type=float, default=400, help="rate of the hot app of mix (r) (default 400)"
+        "--hot-rate", type=float, default=200, help="rate of the hot app of mix (r) (default 200)"
     )
     p.add_argument("--no-single", action="store_true", help="skip the one-replica runs")
 
