@@ -139,8 +139,14 @@ class Intake:
         if self.consumer is not None:
             return
         consumer = self._consumer_factory(_Listener(self))
-        await consumer.start()
+        # Known before start(): with a subscription, start() joins the group, and the
+        # first assignment (made inside it) reads the committed offsets through it.
         self.consumer = consumer
+        try:
+            await consumer.start()
+        except BaseException:
+            self.consumer = None
+            raise
         self.connected = True
 
     def broker_connected(self) -> bool:

@@ -327,3 +327,53 @@ async def test_apps_sharing_a_spill_partition_do_not_wait_for_each_other(rig: An
     for n in range(int(ahead) + 1):
         r.lanes.put(decode(orjson.dumps(sample_request("y", n)), max_bytes=10_000))
     assert not r.intake.spill.wanted(0)
+
+
+class _JoiningConsumer(FakeConsumer):
+    """Like aiokafka with a subscription: start() joins the group, and the first
+    assignment is handed to the listener before start() returns."""
+
+    def __init__(self, listener: Any, committed: dict[TopicPartition, Any]) -> None:
+        super().__init__(partitions=1)
+        self._listener = listener
+        self._committed = committed
+        self._coordinator = self
+
+    async def fetch_committed_offsets(self, tps: set[TopicPartition]) -> dict[TopicPartition, Any]:
+        return {tp: self._committed[tp] for tp in tps if tp in self._committed}
+
+    async def start(self) -> None:
+        self.assigned = {TopicPartition(TOPIC, 0)}
+        await self._listener.on_partitions_assigned(set(self.assigned))
+
+
+async def test_the_first_assignment_reads_the_commit_and_skips_what_was_finished(
+    rig: Any,
+) -> None:
+    from aiokafka.structs import OffsetAndMetadata
+
+    from gateway.offsets import encode_done
+
+    r = await rig()
+    tp = TopicPartition(TOPIC, 0)
+    committed = {tp: OffsetAndMetadata(5, encode_done(5, [7, 8]))}
+    joining: list[_JoiningConsumer] = []
+
+    def factory(listener: Any) -> _JoiningConsumer:
+        consumer = _JoiningConsumer(listener, committed)
+        joining.append(consumer)
+        return consumer
+
+    r.intake._consumer_factory = factory
+    await r.intake.start()
+    consumer = joining[0]
+    ids = []
+    for n in range(10):
+        doc = sample_request("app-1", n)
+        consumer.add(0, orjson.dumps(doc), key=b"app-1")
+        ids.append(doc["request_id"])
+    consumer.position[(TOPIC, 0)] = 5  # where Kafka starts a member: the committed offset
+    r.task = asyncio.create_task(r.intake.run())
+    await wait_for(lambda: len(r.sent) >= 3, 5, what="the records after the commit")
+    await wait_for(lambda: r.intake.trackers[tp].committable() >= 10, 5, what="all to finish")
+    assert r.sent == [ids[5], ids[6], ids[9]]  # 7 and 8 were finished by the last owner
