@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
 
+# The re-drive ledger keeps one record per key for as long as the topic lives: a
+# DLQ record re-driven once is never re-driven again by a later ``gateway redrive``.
+LEDGER_CONFIG = {"cleanup.policy": "compact"}
+
 
 def crc32_partitioner(key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
     """Keyed records by CRC-32 (C speed; aiokafka's murmur2 is pure Python).
@@ -69,13 +73,19 @@ async def ensure_topics(settings: Settings) -> None:
             settings.status_topic: settings.topic_partitions,
             settings.dlq_topic: settings.topic_partitions,
             settings.events_topic: settings.topic_partitions,
+            # small (one record per re-driven DLQ record) and read whole by every re-drive
+            settings.redrive_ledger_topic: 1,
         }
+        configs = {settings.redrive_ledger_topic: LEDGER_CONFIG}
         missing = [t for t in wanted if t not in existing]
         if not missing:
             return
         with contextlib.suppress(TopicAlreadyExistsError):  # another replica was first
             await admin.create_topics(
-                [NewTopic(t, wanted[t], settings.topic_replication) for t in missing]
+                [
+                    NewTopic(t, wanted[t], settings.topic_replication, topic_configs=configs.get(t))
+                    for t in missing
+                ]
             )
         log.info("created topics %s", ", ".join(missing))
     finally:
