@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS = {"run": _run, "simulate": _simulate, "send": _send, "demo": _demo}
 # Modules with a ``register(subparsers)`` that adds one command and sets
 # ``handler`` (an ``async (argparse.Namespace) -> int``) as its default.
-_MORE_COMMANDS: tuple[str, ...] = ("gateway.admin_cli", "gateway.redrive", "gateway.validate")
+_MORE_COMMANDS: tuple[str, ...] = ("gateway.admin_cli", "gateway.redrive_cli", "gateway.validate")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,17 +21,15 @@ from gateway.redrive import (
     DLQ_HEADERS,
     REDRIVES_HEADER,
     DlqRecord,
-    Meter,
     RedriveError,
     Selection,
     Summary,
     _ends,
     _partitions,
     matches,
-    parse_time,
     redrive,
-    report,
 )
+from gateway.redrive_cli import Meter, parse_time, report
 from gateway.settings import Settings, load
 
 T0 = 1_750_000_000_000  # ms: the DLQ records' timestamps are T0 + i seconds
