@@ -54,6 +54,8 @@ class SlotSource(Protocol):
 
     def record(self, now: float) -> None: ...
 
+    def restamp(self, recorded: float, sent: float) -> None: ...
+
 
 class AdaptiveFactor:
     """Adaptive rate of a bucket: a factor between ``min_factor`` and 1 on its pace.
@@ -182,6 +184,10 @@ class Bucket(AdaptiveFactor):
     def record(self, now: float) -> None:
         self._sent.append(now)
 
+    def restamp(self, recorded: float, sent: float) -> None:
+        """The send recorded at ``recorded`` went at ``sent``: keep its real time."""
+        restamp(self._sent, recorded, sent)
+
     def backlog_s(self) -> float:
         """How far ahead of now the slots are handed out (0 when idle)."""
         return max(0.0, self._tat - self._clock())
@@ -224,11 +230,26 @@ async def acquire(
             await bucket.take()
     if not guard and final is None:
         return clock() - start
-    now = await hold_window([b for b in buckets if b is not final], clock)
+    guarded = [b for b in buckets if b is not final]
+    now = await hold_window(guarded, clock)
     if final is not None:
         await final.take()
-        now = clock()
+        # the send goes now, after the wait for the shared slot: the windows keep its
+        # real time (their check, before the wait, counted it at the earlier one)
+        sent = clock()
+        if sent > now:
+            for bucket in guarded:
+                bucket.restamp(now, sent)
+        now = sent
     return now - start
+
+
+def restamp(sent: deque[float], recorded: float, at: float) -> None:
+    """Move the send recorded at ``recorded`` (one of the last few) to ``at``."""
+    for i in range(len(sent) - 1, max(-1, len(sent) - 16), -1):
+        if sent[i] == recorded:
+            sent[i] = at
+            return
 
 
 async def hold_window(buckets: Sequence[Bucket | SlotSource], clock: Clock) -> float:

@@ -57,7 +57,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.limiter import AdaptiveFactor
+from gateway.limiter import AdaptiveFactor, restamp
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,9 @@ class SharedBucket(AdaptiveFactor):
 
     def record(self, now: float) -> None:
         self._sent.append(now)
+
+    def restamp(self, recorded: float, sent: float) -> None:
+        restamp(self._sent, recorded, sent)
 
     def backlog_s(self) -> float:
         """How far ahead of now this replica holds slots (0 when it holds none)."""

@@ -99,3 +99,36 @@ def test_slow_down_and_recover():
         pass
     assert abs(b.pace - full) < 1e-9
     assert len(changes) >= 2
+
+
+class SlowSharedSlot:
+    """A shared bucket in last place whose slot comes after a varying wait."""
+
+    def __init__(self, waits: list[float]) -> None:
+        self.waits = waits
+
+    async def take(self) -> None:
+        await asyncio.sleep(self.waits.pop(0) if self.waits else 0.0)
+
+    def window_delay(self, now: float) -> float:
+        return 0.0
+
+    def record(self, now: float) -> None:
+        return None
+
+    def restamp(self, recorded: float, sent: float) -> None:
+        return None
+
+
+async def test_windows_count_the_real_send_time_after_a_wait_for_a_shared_slot():
+    # the first sends wait long for their shared slot, the later ones not at all: the app's
+    # window must count when they went, not when its check passed
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    app = Bucket("app:a", 10, burst=1, margin=0.02, clock=loop.time)
+    shared = SlowSharedSlot([0.12] * 5)
+    sends = []
+    for _ in range(25):
+        await acquire([app, shared], loop.time)
+        sends.append(loop.time() - t0)
+    assert max_in_window(sends) <= 10, sends
