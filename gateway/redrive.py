@@ -25,10 +25,11 @@ record be re-driven again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,11 +202,12 @@ async def redrive(
         starts = await _starts(consumer, tps, selection.since_ms)
         summary.total = sum(max(0, ends[tp] - starts[tp]) for tp in tps)
         run = _Run(settings, selection, summary, done, producer, to_topic)
-        async for rec in _records(consumer, starts, ends):
-            if not await run.take(rec):
-                break
-            if progress is not None:
-                progress(summary)
+        async with contextlib.aclosing(_records(consumer, starts, ends)) as records:
+            async for rec in records:
+                if not await run.take(rec):
+                    break
+                if progress is not None:
+                    progress(summary)
         await run.flush()
     except KafkaError as exc:
         raise RedriveError(f"Kafka at {settings.kafka_bootstrap}: {exc}") from exc
@@ -434,9 +436,13 @@ async def _ends(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> dict[T
     consumer.assign(tps)
     for tp in tps:
         consumer.seek(tp, max(0, latest[tp] - 1))
-    async with asyncio.timeout(IDLE_S):
-        while any(consumer.highwater(tp) is None for tp in tps):
-            await consumer.getmany(*tps, timeout_ms=100)
+    try:
+        async with asyncio.timeout(IDLE_S):
+            while any(consumer.highwater(tp) is None for tp in tps):
+                await consumer.getmany(*tps, timeout_ms=100)
+    except TimeoutError:
+        topic = tps[0].topic
+        raise RedriveError(f"{topic}: no high watermark within {IDLE_S:.0f} s") from None
     return {tp: max(latest[tp], consumer.highwater(tp) or 0) for tp in tps}
 
 
@@ -458,7 +464,7 @@ async def _records(
     consumer: AIOKafkaConsumer,
     starts: dict[TopicPartition, int],
     ends: dict[TopicPartition, int],
-) -> AsyncIterator[DlqRecord]:
+) -> AsyncGenerator[DlqRecord, None]:
     """The records from ``starts`` up to (not including) ``ends``, partition by partition."""
     left = {tp: end for tp, end in ends.items() if starts[tp] < end}
     if not left:

@@ -257,10 +257,12 @@ def report(sm: Summary, settings: Settings, sel: Selection) -> str:
 def _table(heads: Collection[str], rows: list[list[str]]) -> str:
     table = [list(heads), *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    # counts to the right, words to the left
+    numeric = [all(row[i].isdigit() or row[i] == "-" for row in rows) for i in range(len(widths))]
     return "\n".join(
         "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
+            cell.rjust(w) if numeric[i] else cell.ljust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
+        ).rstrip()
         for row in table
     )
