@@ -57,6 +57,12 @@ from gateway.tokens import BasicAuth, TokenManager, TokenSource
 from gateway.webhooks import WebhookReceiver, nonce_redis
 
 WEBHOOK_PATH = "/webhooks/sinch"
+# An app whose share is (nearly) its whole rate, the backlog that drains last, takes the
+# project's slots up to SHARE_AHEAD_S ahead of the apps queued there: otherwise it waits
+# its turn in the queue that formed before the shares applied, which drains only at the
+# cap's few spare slots a second.
+WHOLE_RATE = 0.9
+SHARE_AHEAD_S = 0.25
 SHARE_HEADROOM = 0.99  # shares of the project cap add up to this much of its pace
 
 log = logging.getLogger(__name__)
@@ -439,6 +445,11 @@ class Gateway:
                 share = shares.get(app_id)
                 if isinstance(lane.bucket, Bucket):  # a shared bucket paces the whole group
                     lane.bucket.set_ceiling(None if share is None else share * SHARE_HEADROOM)
+                    # an app given its whole rate must not wait its turn behind apps
+                    # queued for the project's slots: its slots are part of the shares
+                    rate = lane.bucket.rate * lane.bucket.factor
+                    whole = share is not None and share >= WHOLE_RATE * rate
+                    lane.ahead = SHARE_AHEAD_S if whole else 0.0
 
         return Shares(groups=groups, apply=apply)
 

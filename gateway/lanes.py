@@ -52,6 +52,7 @@ class Lane:
         "_queues",
         "_retries",
         "_wakeup",
+        "ahead",
         "app_id",
         "bucket",
         "current",
@@ -79,6 +80,9 @@ class Lane:
         self.current: Request | None = None  # taken by the worker, waiting for its slots
         self.current_cancelled: str | None = None  # dropped meanwhile, and why
         self.in_flight = 0
+        # how far ahead of other apps queued for the project's slots it may go (seconds):
+        # set while the shares give it its whole rate (the backlog that drains last)
+        self.ahead = 0.0
         self.worker: asyncio.Task[None] | None = None
 
     def put(self, req: Request) -> None:
@@ -297,7 +301,7 @@ class Lanes:
             chan = channels.get(req.channel) if req.channel and channels else None
             buckets = (lane.bucket, chan, project) if chan else (lane.bucket, project)
             local = all(isinstance(b, Bucket) for b in buckets)
-            waited = await acquire(buckets, clock, guard=not local)
+            waited = await acquire(buckets, clock, guard=not local, ahead=lane.ahead)
             if self._on_wait is not None:
                 self._on_wait(waited)
             lane.current = None

@@ -158,11 +158,15 @@ class Bucket(AdaptiveFactor):
         self.interval = 1.0 / pace
         self.tolerance = (self.burst - 1.0) * self.interval
 
-    def reserve(self) -> float:
-        """Take the next slot; return the clock time at which it may be used."""
+    def reserve(self, ahead: float = 0.0) -> float:
+        """Take the next slot; return the clock time at which it may be used.
+
+        ``ahead`` (seconds) lets the caller go before callers already queued for up
+        to that long: its slot is taken now and theirs move one interval later.
+        """
         now = self._clock()
         tat = self._tat
-        at = tat - self.tolerance
+        at = tat - (self.tolerance if self.tolerance > ahead else ahead)
         if at < now:
             at = now
         self._tat = (tat if tat > at else at) + self.interval
@@ -205,7 +209,7 @@ class Bucket(AdaptiveFactor):
 
 
 async def acquire(
-    buckets: Sequence[Bucket | SlotSource], clock: Clock, *, guard: bool = True
+    buckets: Sequence[Bucket | SlotSource], clock: Clock, *, guard: bool = True, ahead: float = 0.0
 ) -> float:
     """Wait for a slot in each bucket in turn; return the total time waited.
 
@@ -213,14 +217,15 @@ async def acquire(
     bucket's window guard. A shared bucket in last place is taken after the guard
     of the others (whose sends are recorded just before it), so that nothing stands
     between its slot and the send. With ``guard=False`` (local buckets only) the
-    caller runs :func:`hold_window` itself, at the moment it sends.
+    caller runs :func:`hold_window` itself, at the moment it sends. ``ahead`` goes to
+    the last bucket's :meth:`Bucket.reserve` (the project's, where apps queue together).
     """
     start = clock()
     last = buckets[-1] if buckets else None
     final = None if last is None or isinstance(last, Bucket) else last
     for bucket in buckets:
         if isinstance(bucket, Bucket):
-            at = bucket.reserve()
+            at = bucket.reserve(ahead if bucket is last else 0.0)
             delay = at - clock()
             if delay > 0:
                 # wake on a TICK_S grid, never before the slot: sends due within the same

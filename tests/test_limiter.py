@@ -132,3 +132,14 @@ async def test_windows_count_the_real_send_time_after_a_wait_for_a_shared_slot()
         await acquire([app, shared], loop.time)
         sends.append(loop.time() - t0)
     assert max_in_window(sends) <= 10, sends
+
+
+def test_a_caller_may_go_ahead_of_the_queue_and_the_queue_moves_one_slot_later():
+    clock = Clock()
+    b = Bucket("project:p", 100, burst=1, margin=0.0, clock=clock)
+    queued = [b.reserve() for _ in range(10)]  # ten callers queue: 0.00 .. 0.09 s
+    assert abs(queued[-1] - clock.now - 0.09) < 1e-9
+    ahead = b.reserve(ahead=0.25)
+    assert ahead == clock.now  # goes now, not after the ten
+    assert abs(b.reserve() - clock.now - 0.11) < 1e-9  # the next in line: one interval later
+    assert b.reserve(ahead=0.05) - clock.now > 0.05  # no further ahead than asked
