@@ -190,6 +190,11 @@ def test_kafka_init_creates_the_gateway_topics(services: dict[str, Any]) -> None
         settings.spill_topic,
         settings.spill_partitions,
     )
+    # The re-drive ledger, compacted: one record per re-driven DLQ record, kept.
+    compacted = r"--topic ([\w.-]+) --partitions 1 [^\n]*\n[^\n]*cleanup.policy=compact"
+    ledger = re.search(compacted, script)
+    assert ledger is not None
+    assert ledger.group(1) == settings.redrive_ledger_topic
     assert init["depends_on"]["kafka"]["condition"] == "service_healthy"
     for name in gateway_names(services):
         gateway_waits = services[name]["depends_on"]["kafka-init"]["condition"]
