@@ -74,6 +74,7 @@ class Delivery:
         )
         self._outcomes = outcomes
         self._m = metrics
+        self._answered_2xx = metrics.responses.labels("2xx")  # once, not per message
         self._clock = clock
         self.feedback = feedback
         self._on_hold = on_hold
@@ -155,7 +156,7 @@ class Delivery:
             await self._after_error(req, lane, exc, decision, header)
             return
         now = self._clock()
-        self._m.responses.labels("2xx").inc()
+        self._answered_2xx.inc()
         self._m.sinch_latency.observe(now - started)
         if self.feedback is not None:
             self.feedback.on_answer(lane, 200)

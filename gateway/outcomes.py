@@ -156,6 +156,7 @@ class Outcomes:
         self._s = settings
         self._pub = publisher
         self._m = metrics
+        self._finished: dict[tuple[str, str], Any] = {}  # the counters' children, by labels
         self._sent_ids = sent_ids
         self._clock = clock
         self._release = release
@@ -501,7 +502,11 @@ class Outcomes:
             # record look like a duplicate
             self._sent_ids.add(ending.request.request_id)
         if status is not None:
-            self._m.outcomes.labels(ending.app_label, status.value).inc()
+            labels = (ending.app_label, status.value)
+            child = self._finished.get(labels)
+            if child is None:
+                child = self._finished[labels] = self._m.outcomes.labels(*labels)
+            child.inc()
             campaign = ending.request.campaign if ending.request is not None else None
             if campaign is not None:
                 self._m.campaign_outcomes.labels(
