@@ -257,42 +257,27 @@ class Outcomes:
         )
 
     def expired(self, req: Request) -> None:
-        origin = self._origin(req)
-        record = result_record(
-            request_id=req.request_id,
-            status=Status.EXPIRED,
-            app_id=req.app_id,
-            campaign=req.campaign,
-            attempts=req.attempts,
-            error={"message": "expire_at passed before sending"},
-            partition=origin.partition,
-            offset=origin.offset,
-        )
-        self._start(
-            Status.EXPIRED,
-            origin,
-            req,
-            [Output(self._s.results_topic, record, req.request_id.encode())],
-        )
+        self._result_only(req, Status.EXPIRED, {"message": "expire_at passed before sending"})
 
     def cancelled(self, req: Request, reason: str) -> None:
         """An operator dropped the request before it was sent: a ``cancelled`` result."""
+        self._result_only(req, Status.CANCELLED, {"reason": "cancelled", "message": reason})
+
+    def _result_only(self, req: Request, status: Status, error: dict[str, str]) -> None:
+        """An ending that writes its result and nothing else (it never reached Sinch)."""
         origin = self._origin(req)
         record = result_record(
             request_id=req.request_id,
-            status=Status.CANCELLED,
+            status=status,
             app_id=req.app_id,
             campaign=req.campaign,
             attempts=req.attempts,
-            error={"reason": "cancelled", "message": reason},
+            error=error,
             partition=origin.partition,
             offset=origin.offset,
         )
         self._start(
-            Status.CANCELLED,
-            origin,
-            req,
-            [Output(self._s.results_topic, record, req.request_id.encode())],
+            status, origin, req, [Output(self._s.results_topic, record, req.request_id.encode())]
         )
 
     def rejected(
