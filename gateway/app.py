@@ -62,7 +62,7 @@ WEBHOOK_PATH = "/webhooks/sinch"
 # its turn in the queue that formed before the shares applied, which drains only at the
 # cap's few spare slots a second.
 WHOLE_RATE = 0.9
-SHARE_AHEAD_S = 0.25
+SHARE_AHEAD_S = 0.1
 SHARE_HEADROOM = 0.99  # shares of the project cap add up to this much of its pace
 
 log = logging.getLogger(__name__)

@@ -100,7 +100,8 @@ async def test_busy_apps_share_the_project_cap_fairly_and_the_longest_drain_goes
     for app, rate in rates.items():
         assert rate >= 0.9 * fair * pace * 0.95, (app, rate, rates)  # 5 % for measurement
     assert rates["app-0"] >= 0.95 * 38 * pace, rates  # the longest drain: at its own rate
-    assert (await sim.stats())["rejected_429"]["total"] == 0
+    rejected = (await sim.stats())["rejected_429"]
+    assert rejected["total"] == 0, rejected
 
 
 async def test_committed_offset_never_passes_an_unfinished_record(
