@@ -306,8 +306,9 @@ class Intake:
         consumer = self.consumer
         if consumer is None:
             return
+        hungry = self.spill.hungry()  # once, not once per spill partition
         for tp in self._of(self._s.spill_topic):
-            wanted = self.spill.wanted(tp.partition)
+            wanted = self.spill.wanted(tp.partition, hungry)
             if wanted and tp in self._spill_paused:
                 consumer.resume(tp)
                 self._spill_paused.discard(tp)

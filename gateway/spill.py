@@ -91,9 +91,22 @@ class SpillState:
         """``partition`` was read past its head: its next app is not known."""
         self.head[partition] = None
 
-    def wanted(self, partition: int) -> bool:
+    def wanted(self, partition: int, hungry: set[int] | None = None) -> bool:
+        """Worth reading: its next app wants more, or another app waiting there does.
+
+        ``hungry`` is :meth:`hungry` when the caller asks for many partitions at once.
+        """
         head = self.head.get(partition)
-        return head is None or self._wants_more(head) or self.others_want(partition, head)
+        if head is None or self._wants_more(head):
+            return True
+        if hungry is not None:
+            return partition in hungry
+        return self.others_want(partition, head)
+
+    def hungry(self) -> set[int]:
+        """The partitions where an app with spilled records waiting wants more."""
+        wants_more = self._wants_more
+        return {p for app, p in self.partition_of.items() if self.spilling(app) and wants_more(app)}
 
     def others_want(self, partition: int, app_id: str) -> bool:
         """Another app with spilled records waiting in ``partition`` wants more."""
