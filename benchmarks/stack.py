@@ -58,12 +58,18 @@ def start_simulator(port: int, *args: str) -> subprocess.Popen[bytes]:
 
 def start_gateway(env: dict[str, str], log_path: str | None = None) -> subprocess.Popen[bytes]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    # BENCH_SET_<KEY>=value: a setting for every gateway of the run (GATEWAY_<KEY>), to try one
+    tried = {
+        "GATEWAY_" + k.removeprefix("BENCH_SET_"): v
+        for k, v in os.environ.items()
+        if k.startswith("BENCH_SET_")
+    }
     log_path = log_path or os.environ.get("BENCH_GATEWAY_LOG")  # the gateway's log: append
     out = Path(log_path).open("ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     cmd = [sys.executable, "-m", "gateway", "run", "--log-format", "text"]
     proc = subprocess.Popen(
         cmd,
-        env={**base, **env},
+        env={**base, **env, **tried},
         stdout=out,
         stderr=out,
     )

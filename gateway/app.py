@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -143,7 +144,9 @@ class Gateway:
                 return False, "joining the consumer group"
             if not intake.assigned:
                 return True, "in the group, no partition assigned (more replicas than partitions)"
-            return True, "assigned"
+            topic = self.settings.requests_topic
+            owned = sorted(tp.partition for tp in intake.trackers if tp.topic == topic)
+            return True, f"assigned: {topic} {','.join(map(str, owned)) or '-'}"
 
         def token() -> tuple[bool, str]:
             if not self.tokens:
@@ -346,6 +349,8 @@ class Gateway:
         m.shared_limiter_up.set_function(lambda: 1.0 if limiter.healthy() else 0.0)
         m.shared_limiter_slots.set_function(lambda: limiter.slots_drawn)
         m.shared_limiter_roundtrips.set_function(lambda: limiter.roundtrips)
+        for kind in ("project", "app", "channel"):
+            m.shared_limiter_lost.labels(kind).set_function(partial(limiter.slots_lost, kind))
         m.shared_limiter_failures.set_function(lambda: limiter.failures)
 
     async def _start_publisher(

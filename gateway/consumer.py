@@ -371,8 +371,12 @@ class Intake:
     def take_spilled(self, tracker: PartitionTracker, record: Any) -> bool:
         """One record of the spill topic; False (and a seek back) if its lane is full."""
         app_id = record.key.decode(errors="replace") if record.key else ""
-        if app_id and not self.has_room(app_id) and not (
-            self.has_room(app_id, 2.0) and self.spill.others_want(tracker.partition, app_id)
+        if (
+            app_id
+            and not self.has_room(app_id)
+            and not (
+                self.has_room(app_id, 2.0) and self.spill.others_want(tracker.partition, app_id)
+            )
         ):
             self.spill.blocked(tracker.partition, app_id)
             self.consumer.seek(TopicPartition(tracker.topic, tracker.partition), record.offset)

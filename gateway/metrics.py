@@ -288,6 +288,13 @@ class Metrics:
             "Slots this replica drew from the group's limiter in Redis since it started.",
             registry=r,
         )
+        self.shared_limiter_lost = Gauge(
+            "gateway_shared_limiter_slots_lost",
+            "Slots drawn from the group's limiter that no send of this replica took in time, "
+            "by bucket kind (project, app, channel); each is a slot the group did not use.",
+            ["kind"],
+            registry=r,
+        )
         self.shared_limiter_roundtrips = Gauge(
             "gateway_shared_limiter_roundtrips",
             "Calls of the limiter's script in Redis since start (each draws a batch of slots).",

@@ -225,7 +225,7 @@ class Settings:
     redis_url: Secret | None = None
     redis_key_prefix: str = "sinch-gateway:limiter:"
     redis_timeout_s: float = 1.0
-    limiter_max_batch: int = 16
+    limiter_max_batch: int = 4
     limiter_batch_horizon_s: float = 0.2
     apps: Mapping[str, AppSettings] = field(default_factory=dict)
     projects: Mapping[str, ProjectSettings] = field(default_factory=dict)

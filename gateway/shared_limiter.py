@@ -152,6 +152,11 @@ class SharedBucket(AdaptiveFactor):
     def pace(self) -> float:
         return 1.0 / self.interval
 
+    @property
+    def kind(self) -> str:
+        """What the bucket limits: the part of its name before ``:`` (``project``, ``app``...)."""
+        return self.name.partition(":")[0]
+
     def _recompute(self) -> None:
         self.interval = 1.0 / (self.rate * (1.0 - self.margin) * self.factor)
 
@@ -318,7 +323,7 @@ class SharedLimiter:
         url: str,
         *,
         key_prefix: str = "sinch-gateway:limiter:",
-        max_batch: int = 16,
+        max_batch: int = 4,
         batch_horizon_s: float = 0.2,
         timeout_s: float = 1.0,
         ping_interval_s: float = 0.5,
@@ -341,6 +346,7 @@ class SharedLimiter:
         self.slots_drawn = 0
         self.roundtrips = 0
         self.failures = 0  # calls that found Redis unreachable
+        self._lost_forgotten: dict[str, int] = {}  # slots lost by buckets no longer tracked
         self.reason = "redis not connected yet"
         self._timeout_s = timeout_s
         self._ping_interval_s = ping_interval_s
@@ -436,6 +442,13 @@ class SharedLimiter:
         """Stop tracking a bucket (e.g. the lane of an app is gone)."""
         with contextlib.suppress(ValueError):
             self._buckets.remove(bucket)
+            kind = bucket.kind
+            self._lost_forgotten[kind] = self._lost_forgotten.get(kind, 0) + bucket.lost
+
+    def slots_lost(self, kind: str) -> int:
+        """Slots drawn by buckets of ``kind`` (``project``, ``app``...) no send took in time."""
+        lost = self._lost_forgotten.get(kind, 0)
+        return lost + sum(b.lost for b in self._buckets if b.kind == kind)
 
     # -- health -----------------------------------------------------------
 

@@ -170,4 +170,3 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-

@@ -100,7 +100,7 @@ async def test_three_replicas_with_skewed_load_keep_one_cap_and_use_it(
     assert len(span) >= 0.95 * 200 * 3, len(span)
     assert len(senders.sends["less busy"]) > 0.1 * len(sends)  # both replicas drew slots
     assert buckets[2].drawn == 0
-    assert per_send <= 1 / 5, per_send
+    assert per_send <= 1 / 3, per_send  # batches of up to 4 (the default): mostly full
 
 
 async def test_an_app_keeps_its_window_when_it_moves_to_another_replica(
@@ -150,6 +150,11 @@ async def test_stalls_of_the_loop_never_bunch_sends(replicas: Factory, senders: 
     gaps = [b - a for a, b in itertools.pairwise(sends)]
     assert min(gaps) >= bucket.interval - bucket.grace_s - 1e-4
     assert bucket.lost > 0  # the stalls did cost slots, and none of them was sent late
+    # the metric's source counts them by kind, and keeps them when the bucket is forgotten
+    assert lim.slots_lost("project") == bucket.lost
+    assert lim.slots_lost("app") == 0
+    lim.forget(bucket)
+    assert lim.slots_lost("project") == bucket.lost
 
 
 async def test_app_and_project_buckets_both_shared(replicas: Factory, senders: Senders) -> None:
