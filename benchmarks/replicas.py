@@ -508,6 +508,7 @@ def measure(
         ],
         "logdir": str(run.logdir),
         "per_second": per_second(accepted, first),
+        "hot_per_second": per_second([a for a in accepted if a["app_id"] == HOT_APP], first),
     }
     if run.kill is not None:
         apps = {a for a, p in backlog.partition_of.items() if p in run.kill.partitions}
@@ -584,6 +585,9 @@ def print_table(mix: RatedMix, runs: list[tuple[str, dict[str, Any]]]) -> None:
 def print_timeline(label: str, r: dict[str, Any]) -> None:
     print(f"  {label}, accepted per second from the first send:")
     print("  " + " ".join(str(c) for c in r["per_second"]))
+    if r["hot_per_second"]:
+        print(f"  {label}, {HOT_APP} accepted per second from the first send:")
+        print("  " + " ".join(str(c) for c in r["hot_per_second"]))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

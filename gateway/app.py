@@ -342,6 +342,7 @@ class Gateway:
             key_prefix=s.redis_key_prefix,
             max_batch=s.limiter_max_batch,
             batch_horizon_s=s.limiter_batch_horizon_s,
+            lookahead_s=s.limiter_lookahead_s,
             timeout_s=s.redis_timeout_s,
             on_roundtrip=m.shared_limiter_roundtrip.observe,
         )
@@ -448,13 +449,15 @@ class Gateway:
         def apply(shares: dict[str, float]) -> None:
             for app_id, lane in lanes.lanes.items():
                 share = shares.get(app_id)
-                if isinstance(lane.bucket, Bucket):  # a shared bucket paces the whole group
-                    lane.bucket.set_ceiling(None if share is None else share * SHARE_HEADROOM)
-                    # an app given its whole rate must not wait its turn behind apps
-                    # queued for the project's slots: its slots are part of the shares
-                    rate = lane.bucket.rate * lane.bucket.factor
-                    whole = share is not None and share >= WHOLE_RATE * rate
-                    lane.ahead = SHARE_AHEAD_S if whole else 0.0
+                bucket = lane.bucket
+                if isinstance(bucket, Bucket):  # a shared bucket paces the whole group
+                    bucket.set_ceiling(None if share is None else share * SHARE_HEADROOM)
+                # an app given its whole rate must not wait its turn behind apps queued
+                # for the project's slots: its slots are part of the shares. With the
+                # group's limiter (no ceilings: each replica sees only its own apps), it
+                # draws its project slots itself, and the others share what is left
+                whole = share is not None and share >= WHOLE_RATE * bucket.rate * bucket.factor
+                lane.ahead = SHARE_AHEAD_S if whole else 0.0
 
         return Shares(groups=groups, apply=apply)
 

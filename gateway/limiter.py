@@ -47,8 +47,11 @@ TICK_S = 0.004  # wake-up granularity of the pacing
 class SlotSource(Protocol):
     """A bucket whose slots come from a timeline shared with other replicas."""
 
-    async def take(self) -> None:
-        """Return at the time of the next slot (holding as long as none can be had)."""
+    async def take(self, ahead: float = 0.0) -> None:
+        """Return at the time of the next slot (holding as long as none can be had).
+
+        ``ahead`` > 0: the caller does not queue behind the replica's other callers.
+        """
 
     def window_delay(self, now: float) -> float: ...
 
@@ -218,7 +221,8 @@ async def acquire(
     of the others (whose sends are recorded just before it), so that nothing stands
     between its slot and the send. With ``guard=False`` (local buckets only) the
     caller runs :func:`hold_window` itself, at the moment it sends. ``ahead`` goes to
-    the last bucket's :meth:`Bucket.reserve` (the project's, where apps queue together).
+    the last bucket's :meth:`Bucket.reserve` (the project's, where apps queue together),
+    or to a shared last bucket's ``take``.
     """
     start = clock()
     last = buckets[-1] if buckets else None
@@ -238,7 +242,7 @@ async def acquire(
     guarded = [b for b in buckets if b is not final]
     now = await hold_window(guarded, clock)
     if final is not None:
-        await final.take()
+        await final.take(ahead)
         # the send goes now, after the wait for the shared slot: the windows keep its
         # real time (their check, before the wait, counted it at the earlier one)
         sent = clock()

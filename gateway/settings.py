@@ -227,6 +227,9 @@ class Settings:
     redis_timeout_s: float = 1.0
     limiter_max_batch: int = 4
     limiter_batch_horizon_s: float = 0.2
+    # a replica draws its next batch once its last slot is this close: slots are not
+    # reserved on the group's timeline for callers further back in its queue
+    limiter_lookahead_s: float = 0.02
     apps: Mapping[str, AppSettings] = field(default_factory=dict)
     projects: Mapping[str, ProjectSettings] = field(default_factory=dict)
     # each active app's rate_limits.outbound and queue_stats are read from Sinch at
@@ -324,6 +327,8 @@ class Settings:
                 "a number of seconds in (0, 1]",
                 self.limiter_batch_horizon_s,
             )
+        if self.limiter_lookahead_s > 1:
+            bad("limiter_lookahead_s", "a number of seconds in (0, 1]", self.limiter_lookahead_s)
         if self.limiter_max_batch > 256:
             bad("limiter_max_batch", "an integer 1-256", self.limiter_max_batch)
         if not self.redis_key_prefix:
@@ -390,6 +395,7 @@ _POSITIVE = (
     "redis_timeout_s",
     "limiter_max_batch",
     "limiter_batch_horizon_s",
+    "limiter_lookahead_s",
     "topic_partitions",
     "spill_partitions",
     "lane_horizon_s",

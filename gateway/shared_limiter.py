@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
-# KEYS[1] bucket hash; ARGV rate, margin, factor, n, push rate (0/1), idle ttl ms.
+# KEYS[1] bucket hash; ARGV rate, margin, factor, n, push rate (0/1), idle ttl ms, ahead us
+# (the first slot may go up to that far before the timeline's end: one caller's own slot).
 # Returns Redis TIME (us), the bucket's rate, the first slot (us), the spacing (us).
 _DRAW = """
 local t = redis.call('TIME')
@@ -77,10 +78,10 @@ end
 local pace = tonumber(rate_s) * (1 - tonumber(ARGV[2])) * tonumber(ARGV[3])
 local interval = 1000000 / pace
 local tat = tonumber(state[1]) or 0
-local first = math.max(now, tat)
+local first = math.max(now, tat - tonumber(ARGV[7]))
 local n = tonumber(ARGV[4])
 if n > 0 then
-  tat = first + n * interval
+  tat = math.max(tat, first) + n * interval
   redis.call('HSET', KEYS[1], 'tat', string.format('%.3f', tat))
 end
 redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(tat - now, 0) / 1000) + tonumber(ARGV[6]))
@@ -144,7 +145,7 @@ class SharedBucket(AdaptiveFactor):
         self._waiting = 0  # callers waiting for a draw
         self._last_slot = 0.0
         self._push_rate = True
-        self._draw_task: asyncio.Task[None] | None = None
+        self._draw_task: asyncio.Task[float] | None = None
         self._sent: deque[float] = deque(maxlen=max(1, int(rate)))
         self._recompute()
 
@@ -180,8 +181,12 @@ class SharedBucket(AdaptiveFactor):
         self._lost_seen = self.lost
         return min(cap, max(self._waiting, self._batch))
 
-    async def take(self) -> None:
+    async def take(self, ahead: float = 0.0) -> None:
         """Wait for this replica's next slot on the shared timeline; return when it may go.
+
+        ``ahead`` > 0 (an app the project's shares give its whole rate): the caller
+        draws one slot of its own from the group's timeline, a round trip per send,
+        instead of queueing for this replica's slots behind its other callers.
 
         Each send has a virtual slot: its drawn slot, or later if it must be, one
         spacing after the one before and never past the last slot of its run (the
@@ -193,6 +198,9 @@ class SharedBucket(AdaptiveFactor):
         lost. Holds while Redis is unreachable. The caller sends right after it
         returns.
         """
+        if ahead > 0:
+            await self._take_own(ahead)
+            return
         clock = self._clock
         grace = self.grace_s
         slots = self._slots
@@ -237,13 +245,52 @@ class SharedBucket(AdaptiveFactor):
                 continue
             return
 
+    async def _draw_when_due(self) -> float:
+        """Draw the next batch once this replica's last slot is within ``lookahead_s``.
+
+        Callers beyond that wait here, not on the group's timeline: otherwise every
+        waiting caller of every replica holds a slot reserved ahead, and the timeline
+        runs as far ahead of now as the group's queue is long, which is where a caller
+        that must not queue (``take(ahead)``) would have to draw.
+        """
+        wait = self._last_slot - self._limiter.lookahead_s - self._clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return await self._limiter.draw(self, self._next_batch())
+
+    async def _take_own(self, ahead: float) -> None:
+        """One slot drawn for this caller alone; sent at it or within ``grace_s`` after.
+
+        The slot may be up to ``ahead`` (at most ``lookahead_s``) before the end of the
+        group's timeline, as :meth:`Bucket.reserve` lets a caller go ahead: the slots
+        drawn after it move one spacing later. A 1-second window then holds at most
+        ``ceil(rate of such callers x ahead)`` sends more than the spacing gives: one
+        for an app at up to 50/s and 20 ms, which a margin of 2 % (the gateway's
+        default) leaves room for, with ``grace_s`` at half of it.
+        """
+        ahead = min(ahead, self._limiter.lookahead_s)
+        clock = self._clock
+        while True:
+            at = await self._limiter.draw(self, 1, own=True, ahead=ahead)
+            try:
+                now = clock()
+                while now < at:
+                    await asyncio.sleep(at - now)
+                    now = clock()
+            except asyncio.CancelledError:
+                self.lost += 1
+                raise
+            if now <= at + self.grace_s and self._limiter.up:
+                return
+            self.lost += 1
+
     async def _draw(self) -> None:
         self._waiting += 1
         try:
             task = self._draw_task
             if task is None or task.done():
                 task = self._draw_task = asyncio.create_task(
-                    self._limiter.draw(self, self._next_batch()), name=f"draw-{self.name}"
+                    self._draw_when_due(), name=f"draw-{self.name}"
                 )
             # one draw in flight per bucket; a cancelled taker does not cancel it
             await asyncio.shield(task)
@@ -251,13 +298,25 @@ class SharedBucket(AdaptiveFactor):
             self._waiting -= 1
 
     def _accept(
-        self, rate: float, first_us: float, interval_us: float, n: int, offset: float
-    ) -> None:
-        """Take ``n`` slots from ``first_us`` (Redis time), ``offset`` = Redis minus local time."""
+        self,
+        rate: float,
+        first_us: float,
+        interval_us: float,
+        n: int,
+        offset: float,
+        own: bool = False,
+    ) -> float:
+        """Take ``n`` slots from ``first_us`` (Redis time), ``offset`` = Redis minus local time.
+
+        Returns the local time of the first. ``own``: one caller's slot, kept out of this
+        replica's queue and runs.
+        """
         self.drawn += n
         self.roundtrips += 1
-        if n:
-            first = first_us / 1e6 - offset
+        first = first_us / 1e6 - offset
+        if n and own:
+            self._run = None  # the next batch starts a run of its own
+        elif n:
             spacing = interval_us / 1e6
             last = first + (n - 1) * spacing + 1e-6  # the sum of spacings may round above it
             run = self._run
@@ -274,6 +333,7 @@ class SharedBucket(AdaptiveFactor):
             self._set_rate_locally(rate)
             if self.on_change is not None:
                 self.on_change(self)
+        return first
 
     def _drop_slots(self) -> None:
         self.lost += len(self._slots)
@@ -330,6 +390,7 @@ class SharedLimiter:
         backoff_min_s: float = 0.05,
         backoff_max_s: float = 2.0,
         idle_ttl_s: float = 60.0,
+        lookahead_s: float = 0.02,
         clock: Clock | None = None,
         on_roundtrip: Callable[[float], None] | None = None,
     ) -> None:
@@ -341,6 +402,7 @@ class SharedLimiter:
         self.key_prefix = key_prefix
         self.max_batch = max_batch
         self.batch_horizon_s = batch_horizon_s
+        self.lookahead_s = lookahead_s
         self.clock = clock or asyncio.get_running_loop().time
         self.on_roundtrip = on_roundtrip
         self.slots_drawn = 0
@@ -359,7 +421,7 @@ class SharedLimiter:
         self._redis: aioredis.Redis | None = None
         self._script: Any = None
         self._watcher: asyncio.Task[None] | None = None
-        self._pushes: set[asyncio.Task[None]] = set()
+        self._pushes: set[asyncio.Task[float]] = set()
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------
@@ -486,8 +548,13 @@ class SharedLimiter:
 
     # -- Redis calls ------------------------------------------------------
 
-    async def draw(self, bucket: SharedBucket, n: int) -> None:
-        """Reserve ``n`` slots of ``bucket`` (0: only write its rate); hold until Redis answers."""
+    async def draw(
+        self, bucket: SharedBucket, n: int, *, own: bool = False, ahead: float = 0.0
+    ) -> float:
+        """Reserve ``n`` slots of ``bucket`` (0: only write its rate); hold until Redis answers.
+
+        Returns the local time of the first slot; ``own``: for one caller, not the queue.
+        """
         lo, hi = self._backoff
         delay = lo
         while True:
@@ -497,7 +564,8 @@ class SharedLimiter:
             t0 = self.clock()
             try:
                 reply = await self._script(
-                    keys=[bucket.key], args=[*args, "1" if push else "0", self._idle_ttl_ms]
+                    keys=[bucket.key],
+                    args=[*args, "1" if push else "0", self._idle_ttl_ms, int(ahead * 1e6)],
                 )
             except (RedisError, OSError) as exc:
                 self._mark_down(exc)
@@ -513,8 +581,9 @@ class SharedLimiter:
             if self.on_roundtrip is not None:
                 self.on_roundtrip(t1 - t0)
             offset = self._offset(int(reply[0]) / 1e6, t1)
-            bucket._accept(float(reply[1]), float(reply[2]), float(reply[3]), n, offset)
-            return
+            return bucket._accept(
+                float(reply[1]), float(reply[2]), float(reply[3]), n, offset, own
+            )
 
     def push_rate(self, bucket: SharedBucket) -> None:
         """Write ``bucket``'s rate to Redis now (in the background, holding while down)."""

@@ -289,3 +289,31 @@ async def test_a_refused_login_holds_and_never_shows_the_password(
         bucket = lim.bucket("project:p", 100)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(bucket.take(), 0.3)
+
+
+async def test_a_favoured_caller_does_not_queue_behind_the_crowd(
+    replicas: Factory, senders: Senders
+) -> None:
+    """Two replicas, 80 callers each on a 400/s project: an app the shares give its whole
+    rate draws its own slots near the end of the group's timeline instead of waiting its
+    turn behind the 160 callers (0.4 s): the crowd does not reserve the timeline ahead."""
+    limiters = [await replicas(), await replicas()]
+    # the gateway's margin (rate_margin, 2 %): room for the one send a window may gain
+    a, b = (lim.bucket("project:p", 400, margin=0.02) for lim in limiters)
+    senders.run("crowd a", [a], 80)
+    senders.run("crowd b", [b], 80)
+    favoured: list[float] = []
+    waits: list[float] = []
+    clock = senders.clock
+    await wait_for(lambda: senders.count() >= 200, 5, what="the crowd sending")
+    for _ in range(40):
+        t0 = clock()
+        await a.take(ahead=0.1)
+        favoured.append(clock())
+        waits.append(clock() - t0)
+    await senders.stop()
+    sends = sorted(senders.all() + favoured)
+    crowd_wait = 160 / a.pace
+    print(f"\nfavoured waits: max {max(waits) * 1000:.0f} ms; the crowd's turn: {crowd_wait:.2f} s")
+    assert max(waits) < 0.1 < crowd_wait, waits
+    assert max_in_window(sends) <= 400  # its slots are the group's like any other

@@ -6,6 +6,7 @@ from collections import Counter
 from datetime import datetime
 
 import orjson
+import pytest
 from aiokafka import TopicPartition
 
 from gateway.cli import sample_request
@@ -63,14 +64,20 @@ async def test_a_throttled_app_does_not_delay_other_apps(broker, simulator_facto
     assert stats["rejected_429"]["total"] == 0
 
 
+@pytest.mark.parametrize("limiter", ["local", "redis"])
 async def test_busy_apps_share_the_project_cap_fairly_and_the_longest_drain_goes_first(
-    broker, simulator_factory, topics
+    broker, simulator_factory, topics, request, limiter
 ):
     # 10 apps of 38/s under a 200/s project: the fair share is 20/s; each app gets at least
     # 90 % of it (18/s), and the rest (20/s) goes to app-0, whose backlog is 4x the others':
-    # 18 + 20 = 38/s, its own rate
+    # 18 + 20 = 38/s, its own rate. With the group's limiter in Redis there are no ceilings
+    # (a replica sees only its own apps): app-0 draws its own project slots, the others
+    # share the rest in turn
     sim = await simulator_factory(strict=True, app_rate=38, project_rate=200)
-    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=38, project_rate=200)
+    extra = {"redis_url": request.getfixturevalue("redis_server").url} if limiter == "redis" else {}
+    settings = settings_for(
+        broker.bootstrap, sim.port, topics, app_rate=38, project_rate=200, **extra
+    )
     docs = [sample_request("app-0", i) for i in range(600)]
     docs += [sample_request(f"app-{1 + i % 9}", i) for i in range(9 * 150)]
     async with running(settings):
