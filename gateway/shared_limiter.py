@@ -581,9 +581,7 @@ class SharedLimiter:
             if self.on_roundtrip is not None:
                 self.on_roundtrip(t1 - t0)
             offset = self._offset(int(reply[0]) / 1e6, t1)
-            return bucket._accept(
-                float(reply[1]), float(reply[2]), float(reply[3]), n, offset, own
-            )
+            return bucket._accept(float(reply[1]), float(reply[2]), float(reply[3]), n, offset, own)
 
     def push_rate(self, bucket: SharedBucket) -> None:
         """Write ``bucket``'s rate to Redis now (in the background, holding while down)."""
