@@ -168,9 +168,29 @@ class Intake:
         self._stopping.set()
 
     async def stop(self) -> None:
+        """Leave the group (revoking and committing what is owned), within a bound.
+
+        A consumer that cannot leave in time (a rebalance the broker never completes)
+        must not keep the process from exiting: the group then moves its partitions
+        after the session timeout, and they are read again from their last commit.
+        """
         consumer, self.consumer = self.consumer, None
-        if consumer is not None:
-            await consumer.stop()
+        if consumer is None:
+            return
+        bound = self._s.revoke_timeout_s + self._s.session_timeout_s
+        task = asyncio.ensure_future(consumer.stop())
+        done, _ = await asyncio.wait({task}, timeout=bound)
+        if done:
+            task.result()
+            return
+        where = _awaiting(task)
+        task.cancel()
+        log.error(
+            "the consumer did not leave the group within %.0f s; exiting without it "
+            "(its partitions move after the session timeout); it waited in %s",
+            bound,
+            where,
+        )
 
     # -- the loop ---------------------------------------------------------
 
@@ -678,6 +698,28 @@ class Intake:
         if om is None or om.offset < 0:
             return None
         return om
+
+
+def _awaiting(task: asyncio.Future[Any]) -> str:
+    """Where a task and the consumer's own tasks wait: each one's chain of coroutines."""
+
+    def chain(t: asyncio.Task[Any]) -> str:
+        coro: Any = t.get_coro()
+        where: list[str] = []
+        while coro is not None and len(where) < 20:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                code = frame.f_code
+                where.append(f"{code.co_name} ({code.co_filename}:{frame.f_lineno})")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        return " -> ".join(where) or "?"
+
+    def kafka(t: asyncio.Task[Any]) -> bool:
+        code = getattr(t.get_coro(), "cr_code", None)
+        return code is not None and "aiokafka" in code.co_filename
+
+    tasks = [t for t in asyncio.all_tasks() if t is task or kafka(t)]
+    return "; ".join(chain(t) for t in tasks)
 
 
 def _names(parts: set[TopicPartition]) -> list[str]:

@@ -377,3 +377,24 @@ async def test_the_first_assignment_reads_the_commit_and_skips_what_was_finished
     await wait_for(lambda: len(r.sent) >= 3, 5, what="the records after the commit")
     await wait_for(lambda: r.intake.trackers[tp].committable() >= 10, 5, what="all to finish")
     assert r.sent == [ids[5], ids[6], ids[9]]  # 7 and 8 were finished by the last owner
+
+
+async def test_a_consumer_that_cannot_leave_the_group_does_not_hold_the_exit(
+    rig: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A leave that never completes (a rebalance the broker does not finish) is given up
+    after revoke_timeout_s + session_timeout_s, and says where it waited."""
+    r = await rig(revoke_timeout_s=0.1, session_timeout_s=0.2)
+    await r.start((0,))
+    never = asyncio.Event()
+
+    async def stuck_leave() -> None:
+        await never.wait()
+
+    r.consumer.stop = stuck_leave  # type: ignore[method-assign]
+    loop_clock = asyncio.get_running_loop().time
+    t0 = loop_clock()
+    await asyncio.wait_for(r.intake.stop(), 5)
+    assert 0.25 <= loop_clock() - t0 < 2.0
+    assert "did not leave the group within" in caplog.text
+    assert "stuck_leave" in caplog.text
