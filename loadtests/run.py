@@ -107,7 +107,8 @@ def gateway_ready(url: str) -> bool:
             body = json.load(resp)
     except (urllib.error.URLError, OSError, ValueError):
         return False
-    return bool(body.get("checks", {}).get("partitions", {}).get("detail") == "assigned")
+    detail = str(body.get("checks", {}).get("partitions", {}).get("detail", ""))
+    return detail.startswith("assigned")
 
 
 def http_json(url: str) -> Any:

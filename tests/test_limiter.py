@@ -107,7 +107,7 @@ class SlowSharedSlot:
     def __init__(self, waits: list[float]) -> None:
         self.waits = waits
 
-    async def take(self) -> None:
+    async def take(self, ahead: float = 0.0) -> None:
         await asyncio.sleep(self.waits.pop(0) if self.waits else 0.0)
 
     def window_delay(self, now: float) -> float:

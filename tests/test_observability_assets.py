@@ -471,6 +471,7 @@ def test_replicas_and_rebalances_row_shows_rebalances_and_the_shared_limiter() -
         "gateway_shared_limiter_failures",
         "gateway_shared_limiter_roundtrip_seconds_bucket",
         "gateway_shared_limiter_slots_drawn",
+        "gateway_shared_limiter_slots_lost",
         "gateway_shared_limiter_roundtrips",
     }
     assert len(panels) == 8
@@ -502,8 +503,11 @@ def test_replicas_and_rebalances_row_shows_rebalances_and_the_shared_limiter() -
     (up,) = exprs("Shared limiter up")
     assert up.startswith("min by (instance) (gateway_shared_limiter_up{")
     assert re.search(r"gateway_shared_limiter_failures\{[^}]*\} > 0", up)
-    for title in ("Slots drawn and round trips /s", "Shared limiter failures /s"):
-        assert all(e.startswith("sum by (instance) (rate(") for e in exprs(title)), title
+    for title in ("Slots drawn, lost and round trips /s", "Shared limiter failures /s"):
+        assert all(e.startswith("sum by (instance") for e in exprs(title)), title
+        assert all("(rate(" in e for e in exprs(title)), title
+    # lost slots by bucket kind: a lost project slot is the group's, a lost app slot the app's
+    assert any("by (instance, kind)" in e for e in exprs("Slots drawn, lost and round trips /s"))
 
 
 def test_grafana_provisioning_points_at_prometheus_and_the_dashboard_dir() -> None:
