@@ -191,6 +191,13 @@ class Intake:
             bound,
             where,
         )
+        # what stop() does after leaving, which the cancel skipped: its fetcher and its
+        # connections (no public call for them; a process that goes on must not keep them)
+        for part in ("_fetcher", "_client"):
+            close = getattr(getattr(consumer, part, None), "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(close(), 2.0)
 
     # -- the loop ---------------------------------------------------------
 

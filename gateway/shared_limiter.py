@@ -227,13 +227,7 @@ class SharedBucket(AdaptiveFactor):
                 self.lost += 1
                 continue
             self._next_v = planned + spacing
-            try:
-                while now < planned:
-                    await asyncio.sleep(planned - now)
-                    now = clock()
-            except asyncio.CancelledError:
-                self.lost += 1
-                raise
+            now = await self._sleep_until(planned)
             if now > planned + grace:
                 moved = now - grace
                 if self._next_v != planned + spacing or moved > run[0]:
@@ -269,20 +263,25 @@ class SharedBucket(AdaptiveFactor):
         default) leaves room for, with ``grace_s`` at half of it.
         """
         ahead = min(ahead, self._limiter.lookahead_s)
-        clock = self._clock
         while True:
             at = await self._limiter.draw(self, 1, own=True, ahead=ahead)
-            try:
-                now = clock()
-                while now < at:
-                    await asyncio.sleep(at - now)
-                    now = clock()
-            except asyncio.CancelledError:
-                self.lost += 1
-                raise
+            now = await self._sleep_until(at)
             if now <= at + self.grace_s and self._limiter.up:
                 return
             self.lost += 1
+
+    async def _sleep_until(self, at: float) -> float:
+        """Sleep until a caller's slot; return the time woken. A cancelled caller loses it."""
+        clock = self._clock
+        now = clock()
+        try:
+            while now < at:
+                await asyncio.sleep(at - now)
+                now = clock()
+        except asyncio.CancelledError:
+            self.lost += 1
+            raise
+        return now
 
     async def _draw(self) -> None:
         self._waiting += 1

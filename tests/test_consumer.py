@@ -392,9 +392,20 @@ async def test_a_consumer_that_cannot_leave_the_group_does_not_hold_the_exit(
         await never.wait()
 
     r.consumer.stop = stuck_leave  # type: ignore[method-assign]
+    r.consumer.closed_parts = []
+
+    class Part:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def close(self) -> None:
+            r.consumer.closed_parts.append(self.name)
+
+    r.consumer._fetcher, r.consumer._client = Part("_fetcher"), Part("_client")
     loop_clock = asyncio.get_running_loop().time
     t0 = loop_clock()
     await asyncio.wait_for(r.intake.stop(), 5)
     assert 0.25 <= loop_clock() - t0 < 2.0
     assert "did not leave the group within" in caplog.text
     assert "stuck_leave" in caplog.text
+    assert r.consumer.closed_parts == ["_fetcher", "_client"]  # what stop() closes after

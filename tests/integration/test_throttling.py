@@ -238,3 +238,38 @@ async def test_a_channel_bucket_caps_every_app_on_that_channel(broker, simulator
     in_any_second = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     assert in_any_second <= 10  # the three apps together, not 3 x 100/s
     assert times[-1] - times[0] >= 2.5  # 30 at 10/s
+
+
+async def test_the_longest_drain_keeps_its_rate_beside_a_crowd_of_apps(
+    broker, simulator_factory, topics
+):
+    # 60 apps of 20/s under a 400/s project, 20 requests each, and app-hot with 120: the
+    # shares give app-hot (the longest drain) its whole rate. The crowd queues 60 lanes for
+    # the project's slots (0.15 s): app-hot must go ahead of all of them, not only 0.1 s
+    sim = await simulator_factory(strict=True, app_rate=20, project_rate=400)
+    settings = settings_for(broker.bootstrap, sim.port, topics, app_rate=20, project_rate=400)
+    docs = [sample_request(f"app-{i:02d}", n) for n in range(20) for i in range(60)]
+    docs[::10] = [sample_request("app-hot", n) for n in range(len(docs[::10]))]
+    async with running(settings):
+        await publish(
+            broker.bootstrap,
+            settings.requests_topic,
+            [(d["payload"]["app_id"].encode(), orjson.dumps(d)) for d in docs],
+        )
+
+        async def crowd_done() -> bool:
+            stats = await sim.stats()
+            return stats["accepted_total"] >= len(docs) - 60  # app-hot's last ones may wait
+
+        await wait_for(crowd_done, 40, what="the crowd sent")
+        accepted = await sim.accepted()
+    times = sorted((ts(a["accepted_time"]), a["app_id"]) for a in accepted)
+    hot = [t for t, app in times if app == "app-hot"]
+    crowd_end = max(t for t, app in times if app != "app-hot")
+    during = [t for t in hot if t <= crowd_end]
+    assert crowd_end - hot[0] >= 1.5, (hot[0], crowd_end)  # the crowd kept the cap busy
+    rate = (len(during) - 1) / (during[-1] - hot[0])
+    pace = 20 * (1 - settings.rate_margin)
+    assert rate >= 0.9 * pace, (rate, len(during))
+    rejected = (await sim.stats())["rejected_429"]
+    assert rejected["total"] == 0, rejected
