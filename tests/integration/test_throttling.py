@@ -74,7 +74,10 @@ async def test_busy_apps_share_the_project_cap_fairly_and_the_longest_drain_goes
     # (a replica sees only its own apps): app-0 draws its own project slots, the others
     # share the rest in turn
     sim = await simulator_factory(strict=True, app_rate=38, project_rate=200)
-    extra = {"redis_url": request.getfixturevalue("redis_server").url} if limiter == "redis" else {}
+    extra = {}
+    if limiter == "redis":  # under this test's own keys
+        extra["redis_url"] = request.getfixturevalue("redis_server").url
+        extra["redis_key_prefix"] = f"{topics['group_id']}:limiter:"
     settings = settings_for(
         broker.bootstrap, sim.port, topics, app_rate=38, project_rate=200, **extra
     )
