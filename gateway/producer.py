@@ -2,7 +2,10 @@
 
 ``send`` hands a record to aiokafka's accumulator and returns the delivery
 future: callers attach the "finished" step to it, so an offset is committed
-only after Kafka acknowledged what the record produced.
+only after Kafka acknowledged what the record produced. ``send_many`` hands over
+many records at once as one batch per topic-partition (aiokafka's
+``create_batch``/``send_batch``), with one future per batch: the outcome writer's
+way, at a fraction of the CPU of a ``send`` per record.
 """
 
 from __future__ import annotations
@@ -12,17 +15,37 @@ import contextlib
 import logging
 import random
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record to write."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: Headers | None = None
+    partition: int | None = None
+    timestamp_ms: int | None = None
+
+
+# what send_many did with some of its records: the future of their batch, or what
+# refused them at once (too large, unknown topic, a closed producer), and their indices
+Handed = tuple[asyncio.Future[Any] | Exception, list[int]]
 
 # The re-drive ledger keeps one record per key for as long as the topic lives: a
 # DLQ record re-driven once is never re-driven again by a later ``gateway redrive``.
@@ -104,6 +127,7 @@ class Publisher:
     def __init__(self, settings: Settings, *, linger_ms: int = 25) -> None:
         self._settings = settings
         self._linger_ms = linger_ms
+        self._max_request_size = max(8 << 20, 2 * settings.max_message_bytes)
         self._producer: AIOKafkaProducer | None = None
         self.failures = 0
 
@@ -118,7 +142,7 @@ class Publisher:
             max_batch_size=256 * 1024,
             partitioner=crc32_partitioner,
             # the DLQ must take any record the consumer could read, oversized ones included
-            max_request_size=max(8 << 20, 2 * self._settings.max_message_bytes),
+            max_request_size=self._max_request_size,
         )
         await producer.start()
         self._producer = producer
@@ -156,6 +180,63 @@ class Publisher:
             timestamp_ms=timestamp_ms,
         )
         return fut
+
+    async def send_many(self, outputs: Sequence[Output]) -> list[Handed]:
+        """Hand ``outputs`` to Kafka as one batch per topic-partition, in their order.
+
+        Keyed records without a partition go where :func:`crc32_partitioner` puts
+        them, as with :meth:`send`. A batch is full at the producer's batch size; the
+        next one of its partition follows it (aiokafka queues it behind the first).
+        """
+        if self._producer is None:
+            raise RuntimeError("publisher is not started")
+        producer = self._producer
+        handed: list[Handed] = []
+        groups: dict[tuple[str, int], list[int]] = {}
+        partitions: dict[str, list[int]] = {}
+        for i, out in enumerate(outputs):
+            try:
+                size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+                    out.key, out.value, out.headers or []
+                )
+                if size > self._max_request_size:
+                    raise MessageSizeTooLargeError(f"a record of {size} bytes")
+                partition = out.partition
+                if partition is None:
+                    parts = partitions.get(out.topic)
+                    if parts is None:
+                        parts = partitions[out.topic] = sorted(
+                            await producer.partitions_for(out.topic)
+                        )
+                    partition = crc32_partitioner(out.key, parts, parts)
+            except Exception as exc:  # each record's own refusal
+                handed.append((exc, [i]))
+                continue
+            groups.setdefault((out.topic, partition), []).append(i)
+        for (topic, partition), indices in groups.items():
+            batch, members = producer.create_batch(), list[int]()
+            for i in indices:
+                out = outputs[i]
+                record = {"key": out.key, "value": out.value, "timestamp": out.timestamp_ms}
+                if batch.append(**record, headers=out.headers or []) is None:  # full
+                    handed.append(await self._submit(batch, topic, partition, members))
+                    batch, members = producer.create_batch(), []
+                    batch.append(**record, headers=out.headers or [])  # the first always fits
+                members.append(i)
+            handed.append(await self._submit(batch, topic, partition, members))
+        return handed
+
+    async def _submit(self, batch: Any, topic: str, partition: int, members: list[int]) -> Handed:
+        if self._producer is None:
+            return RuntimeError("publisher is not started"), members
+        batch.close()  # sent as it is, at once: the caller has lingered already
+        try:
+            fut: asyncio.Future[Any] = await self._producer.send_batch(
+                batch, topic, partition=partition
+            )
+        except Exception as exc:  # refused at once: the caller retries them
+            return exc, members
+        return fut, members
 
     async def flush(self) -> None:
         if self._producer is not None:

@@ -258,6 +258,9 @@ class Settings:
     revoke_timeout_s: float = 5.0
     # a record whose outputs Kafka refuses for this long makes /readyz false
     outcome_stuck_s: float = 30.0
+    # the outcome writer gathers endings this long and hands them to the producer at once
+    # (0: each as it comes); the commit of a record waits this much longer
+    outcome_linger_ms: float = 100.0
     # a partition whose committed offset stands still this long while it holds records
     stall_timeout_s: float = 300.0
 
@@ -309,6 +312,8 @@ class Settings:
             bad("rate_margin", "a fraction in [0, 0.5)", self.rate_margin)
         if self.token_refresh_margin_s < 0:
             bad("token_refresh_margin_s", "a number >= 0", self.token_refresh_margin_s)
+        if not 0 <= self.outcome_linger_ms <= 1000:
+            bad("outcome_linger_ms", "milliseconds in [0, 1000]", self.outcome_linger_ms)
         if self.region not in REGIONS:
             bad("region", "one of us, eu, br", self.region)
         for port_name in ("http_port", "webhook_port"):

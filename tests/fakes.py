@@ -7,12 +7,14 @@ publisher whose acknowledgements the test decides, and a clock the test moves.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
+
+from gateway.producer import Handed, Output
 
 TOPIC = "sinch.outbound.requests"
 
@@ -157,6 +159,25 @@ class ScriptedPublisher:
                 self.sink(topic, partition, value, key=key, headers=tuple(headers or ()))
             fut.set_result(None)
         return fut
+
+    async def send_many(self, outputs: Sequence[Output]) -> list[Handed]:
+        """Each record its own "batch", through :meth:`send` (so ``refuse`` sees each)."""
+        handed: list[Handed] = []
+        for i, out in enumerate(outputs):
+            try:
+                fut = await self.send(
+                    out.topic,
+                    out.value,
+                    key=out.key,
+                    headers=out.headers,
+                    partition=out.partition,
+                    timestamp_ms=out.timestamp_ms,
+                )
+            except Exception as exc:  # refused at once, as the real one does
+                handed.append((exc, [i]))
+            else:
+                handed.append((fut, [i]))
+        return handed
 
     def on(self, topic: str) -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]:
         return [(v, k, h) for t, v, k, h in self.written if t == topic]

@@ -33,7 +33,12 @@ class Rig:
     """Intake wired to lanes whose sender finishes a request when the test lets it."""
 
     def __init__(self, rates: dict[str, float] | None = None, **kw: Any) -> None:
-        base: dict[str, Any] = {"backoff_base_s": 0.005, "backoff_max_s": 0.02}
+        # each ending written as it comes: these tests follow intake's budget record by record
+        base: dict[str, Any] = {
+            "backoff_base_s": 0.005,
+            "backoff_max_s": 0.02,
+            "outcome_linger_ms": 0,
+        }
         self.settings = load(env={}, **(base | kw))
         self.clock = FakeClock()
         self.consumer = FakeConsumer(partitions=2)
