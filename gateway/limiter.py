@@ -53,7 +53,9 @@ class SlotSource(Protocol):
         ``ahead`` > 0: the caller does not queue behind the replica's other callers.
         """
 
-    def window_delay(self, now: float) -> float: ...
+    held: int  # callers held by its window guard now
+
+    def window_delay(self, now: float, ahead: int = 0) -> float: ...
 
     def record(self, now: float) -> None: ...
 
@@ -108,6 +110,7 @@ class Bucket(AdaptiveFactor):
         "burst",
         "ceiling",
         "factor",
+        "held",
         "interval",
         "margin",
         "min_factor",
@@ -143,6 +146,7 @@ class Bucket(AdaptiveFactor):
         self._tat = 0.0
         # send times of the last `cap` requests: the strict-window guard
         self._sent: deque[float] = deque(maxlen=max(1, int(rate)))
+        self.held = 0  # callers its window guard holds now
         self.ceiling: float | None = None
         self.interval = 0.0
         self.tolerance = 0.0
@@ -175,18 +179,16 @@ class Bucket(AdaptiveFactor):
         self._tat = (tat if tat > at else at) + self.interval
         return at
 
-    def window_delay(self, now: float) -> float:
+    def window_delay(self, now: float, ahead: int = 0) -> float:
         """Seconds to wait so that no 1-second window holds more than ``rate`` sends.
 
         Pacing alone keeps to that when the time from slot to send is constant; this
         guard also holds when it is not (a wait in the next bucket, a stalled loop).
         Its window is ``1 + margin`` seconds: the same headroom for arrival jitter
-        that the pace keeps.
+        that the pace keeps. ``ahead``: callers already held, each of which takes
+        the next send to leave the window before this one.
         """
-        sent = self._sent
-        if len(sent) < sent.maxlen:  # type: ignore[operator]
-            return 0.0
-        return sent[0] + 1.0 + self.margin - now
+        return window_delay(self._sent, self.margin, now, ahead)
 
     def record(self, now: float) -> None:
         self._sent.append(now)
@@ -253,6 +255,14 @@ async def acquire(
     return now - start
 
 
+def window_delay(sent: deque[float], margin: float, now: float, ahead: int = 0) -> float:
+    """The window guard of a bucket whose last ``maxlen`` send times are ``sent``."""
+    i = ahead - ((sent.maxlen or 0) - len(sent))  # the send that must leave the window first
+    if i < 0:
+        return 0.0
+    return sent[min(i, len(sent) - 1)] + 1.0 + margin - now
+
+
 def restamp(sent: deque[float], recorded: float, at: float) -> None:
     """Move the send recorded at ``recorded`` (one of the last few) to ``at``."""
     for i in range(len(sent) - 1, max(-1, len(sent) - 16), -1):
@@ -271,10 +281,19 @@ async def hold_window(buckets: Sequence[Bucket | SlotSource], clock: Clock) -> f
     now = clock()
     while buckets:
         now = clock()
-        delay = max(b.window_delay(now) for b in buckets)
-        if delay <= 0:
+        full = [b for b in buckets if b.window_delay(now) > 0]
+        if not full:
             break
-        await asyncio.sleep(delay)
+        # behind the callers the same windows hold already: each of them takes the next
+        # send to leave, so this one wakes at its own turn, not with all of them at the first
+        delay = max(b.window_delay(now, b.held) for b in full)
+        for b in full:
+            b.held += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            for b in full:
+                b.held -= 1
     for bucket in buckets:
         bucket.record(now)
     return now

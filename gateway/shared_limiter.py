@@ -57,7 +57,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.limiter import AdaptiveFactor, restamp
+from gateway.limiter import AdaptiveFactor, restamp, window_delay
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class SharedBucket(AdaptiveFactor):
         self._push_rate = True
         self._draw_task: asyncio.Task[float] | None = None
         self._sent: deque[float] = deque(maxlen=max(1, int(rate)))
+        self.held = 0  # callers its window guard holds now
         self._recompute()
 
     @property
@@ -339,12 +340,9 @@ class SharedBucket(AdaptiveFactor):
         self._slots.clear()
         self._run = None
 
-    def window_delay(self, now: float) -> float:
+    def window_delay(self, now: float, ahead: int = 0) -> float:
         """This replica's own window guard, as in ``Bucket`` (used when not the last bucket)."""
-        sent = self._sent
-        if len(sent) < (sent.maxlen or 0):
-            return 0.0
-        return sent[0] + 1.0 + self.margin - now
+        return window_delay(self._sent, self.margin, now, ahead)
 
     def record(self, now: float) -> None:
         self._sent.append(now)

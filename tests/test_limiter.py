@@ -106,11 +106,12 @@ class SlowSharedSlot:
 
     def __init__(self, waits: list[float]) -> None:
         self.waits = waits
+        self.held = 0
 
     async def take(self, ahead: float = 0.0) -> None:
         await asyncio.sleep(self.waits.pop(0) if self.waits else 0.0)
 
-    def window_delay(self, now: float) -> float:
+    def window_delay(self, now: float, ahead: int = 0) -> float:
         return 0.0
 
     def record(self, now: float) -> None:
