@@ -322,10 +322,6 @@ class Lanes:
             lane.in_flight += 1
             task = asyncio.create_task(self._send(req, lane, buckets if local else ()))
             self._tasks[task] = origin.tracker if origin is not None else None
-            task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
 
     async def _send(self, req: Request, lane: Lane, guarded: Sequence[AnyBucket]) -> None:
         try:
@@ -340,6 +336,7 @@ class Lanes:
             self.in_flight -= 1
             lane.in_flight -= 1
             self._in_flight.release()
+            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
     async def stop_workers(self) -> None:
         """Stop taking new requests from the lanes (in-flight sends go on)."""

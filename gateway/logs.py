@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import logging
 import re
 import sys
 import time
-from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 import orjson
@@ -56,14 +54,25 @@ def _mask(m: re.Match[str]) -> str:
     return key + MASK
 
 
-@contextlib.contextmanager
-def context(**fields: Any) -> Iterator[None]:
-    """Add fields to every log line written inside the block (by this task)."""
-    token = _context.set({**(_context.get() or {}), **fields})
-    try:
-        yield
-    finally:
-        _context.reset(token)
+class context:  # lower case: it reads as a function, ``with context(request_id=...)``
+    """Add fields to every log line written inside the block (by this task).
+
+    A class rather than a generator-based context manager: it wraps every send.
+    """
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, **fields: Any) -> None:
+        self._fields = fields
+        self._token: Token[dict[str, Any] | None] | None = None
+
+    def __enter__(self) -> None:
+        outer = _context.get()
+        self._token = _context.set({**outer, **self._fields} if outer else self._fields)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _context.reset(self._token)
 
 
 def protect(*values: str) -> None:
