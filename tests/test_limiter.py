@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.limiter import Bucket, acquire
+from gateway.limiter import Bucket, acquire, hold_window
 
 
 class Clock:
@@ -144,3 +144,26 @@ def test_a_caller_may_go_ahead_of_the_queue_and_the_queue_moves_one_slot_later()
     assert ahead == clock.now  # goes now, not after the ten
     assert abs(b.reserve() - clock.now - 0.11) < 1e-9  # the next in line: one interval later
     assert b.reserve(ahead=0.05) - clock.now > 0.05  # no further ahead than asked
+
+
+async def test_callers_held_by_a_full_window_wake_at_their_own_turn(monkeypatch):
+    loop = asyncio.get_running_loop()
+    b = Bucket("project:p", 50, margin=0.0, clock=loop.time)
+    start = loop.time()
+    for i in range(50):  # a full window whose sends leave it one every 4 ms, from 50 ms on
+        b.record(start - 0.95 + i * 0.004)
+    sleeps = 0
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay, result=None):
+        nonlocal sleeps
+        sleeps += 1
+        return await real_sleep(delay, result)
+
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)
+    sends = await asyncio.gather(*(hold_window([b], loop.time) for _ in range(20)))
+    # each held caller sleeps about once, not once per send that goes before it (210 here)
+    assert sleeps <= 2 * 20
+    assert b.held == 0
+    recorded = [start - 0.95 + i * 0.004 for i in range(50)] + sorted(sends)
+    assert max_in_window(recorded, 1.0) <= 50

@@ -228,3 +228,46 @@ async def test_a_cancelled_request_gets_its_result_then_is_finished() -> None:
     assert h.publisher.on(DLQ) == []
     assert h.publisher.on(STATUS) == []
     assert h.sample("gateway_requests_finished_total", app_id="app-1", status="cancelled") == 1
+
+
+class CountingPublisher(ScriptedPublisher):
+    """Counts the hand-overs: each ``send_many`` call is one flush of the writer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes: list[int] = []
+
+    async def send_many(self, outputs: Any) -> Any:
+        self.flushes.append(len(outputs))
+        return await super().send_many(outputs)
+
+
+async def test_the_writer_gathers_endings_and_hands_them_over_at_once() -> None:
+    h = Harness(CountingPublisher(), outcome_linger_ms=200)
+    for offset in range(5):
+        sent(h, h.request(offset))
+        for _ in range(5):  # turns of the event loop: a writer that did not linger writes it
+            await asyncio.sleep(0)
+    await wait_for(lambda: len(h.released) == 5, 5, what="the five endings to be written")
+    assert h.publisher.flushes == [10]  # type: ignore[attr-defined]  # 5 results + 5 statuses
+
+
+async def test_settle_does_not_wait_for_the_linger() -> None:
+    h = Harness(CountingPublisher(), outcome_linger_ms=1000)
+    sent(h, h.request(0))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await h.outcomes.settle(None, 30.0)
+    assert loop.time() - start < 1.0  # flushed on request, not after the second of linger
+    assert h.released == [(0, True)]
+
+
+async def test_a_backlog_of_endings_is_written_without_lingering() -> None:
+    h = Harness(CountingPublisher(), outcome_linger_ms=1000)
+    for offset in range(600):  # past FLUSH_AT: a spill's worth
+        sent(h, h.request(offset))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await wait_for(lambda: len(h.released) >= 512, 5, what="the first chunk to be written")
+    assert loop.time() - start < 1.0
+    assert h.publisher.flushes[0] == 2 * 512  # type: ignore[attr-defined]  # one chunk
