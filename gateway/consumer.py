@@ -101,6 +101,7 @@ class Intake:
         self._projects = frozenset(settings.all_projects())
         self.consumer: Any = None
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
+        self._owned: dict[str, list[TopicPartition]] = {}  # _of's answers until trackers change
         self.spill = SpillState(self.wants_more)
         self.in_progress: set[str] = set()
         self.buffered = 0
@@ -274,9 +275,13 @@ class Intake:
             self._pause(False)
 
     def _of(self, topic: str) -> list[TopicPartition]:
-        return sorted(
-            (tp for tp in self.trackers if tp.topic == topic), key=lambda tp: tp.partition
-        )
+        """The partitions of ``topic`` this consumer owns, by number (asked per spilled record)."""
+        owned = self._owned.get(topic)
+        if owned is None:
+            owned = self._owned[topic] = sorted(
+                (tp for tp in self.trackers if tp.topic == topic), key=lambda tp: tp.partition
+            )
+        return owned
 
     async def _fetch(self, consumer: Any, room: int) -> dict[Any, list[Any]]:
         """High priority first, the wanted spill partitions, then ``room`` requests records.
@@ -619,6 +624,7 @@ class Intake:
         if self._group_sent is not None:
             await self._group_sent.flush()  # before the next owner can look
         await self.commit(parts)
+        self._owned.clear()
         for tp in parts:
             self.trackers.pop(tp, None)
             self._suspect.pop(tp, None)
@@ -678,6 +684,7 @@ class Intake:
                         len(tracker.skip),
                     )
             self.trackers[tp] = tracker
+            self._owned.clear()
             if tp.topic == self._s.spill_topic:
                 self.spill.read_on(tp.partition)  # what waits there is not known yet
         self.assigned = any(tp.topic == self._s.requests_topic for tp in self.trackers)
