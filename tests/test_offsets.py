@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from gateway.offsets import PartitionTracker, decode_done, encode_done
 
 
@@ -45,3 +47,10 @@ def test_done_map_round_trips():
     assert decode_done(100, "") == set()
     assert decode_done(100, "garbage") == set()
     assert encode_done(100, []) == ""
+
+
+@pytest.mark.parametrize("density", [0.02, 0.5, 0.98, 1.0])
+def test_done_map_round_trips_runs_and_scattered_offsets(density):
+    rng = random.Random(density)
+    done = [100 + i for i in range(1, 3000) if rng.random() < density]
+    assert decode_done(100, encode_done(100, done, limit=100_000)) == set(done)
