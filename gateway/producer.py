@@ -193,7 +193,7 @@ class Publisher:
         producer = self._producer
         handed: list[Handed] = []
         groups: dict[tuple[str, int], list[int]] = {}
-        partitions: dict[str, list[int]] = {}
+        partitions: dict[str, list[int] | Exception] = {}  # asked once per topic
         for i, out in enumerate(outputs):
             try:
                 size = DefaultRecordBatchBuilder.estimate_size_in_bytes(
@@ -205,9 +205,13 @@ class Publisher:
                 if partition is None:
                     parts = partitions.get(out.topic)
                     if parts is None:
-                        parts = partitions[out.topic] = sorted(
-                            await producer.partitions_for(out.topic)
-                        )
+                        try:
+                            parts = sorted(await producer.partitions_for(out.topic))
+                        except Exception as exc:  # an unknown topic: its other records too
+                            parts = exc
+                        partitions[out.topic] = parts
+                    if isinstance(parts, Exception):
+                        raise parts
                     partition = crc32_partitioner(out.key, parts, parts)
             except Exception as exc:  # each record's own refusal
                 handed.append((exc, [i]))
@@ -216,12 +220,10 @@ class Publisher:
         for (topic, partition), indices in groups.items():
             batch, members = producer.create_batch(), list[int]()
             for i in indices:
-                out = outputs[i]
-                record = {"key": out.key, "value": out.value, "timestamp": out.timestamp_ms}
-                if batch.append(**record, headers=out.headers or []) is None:  # full
+                if not _append(batch, outputs[i]):  # full
                     handed.append(await self._submit(batch, topic, partition, members))
                     batch, members = producer.create_batch(), []
-                    batch.append(**record, headers=out.headers or [])  # the first always fits
+                    _append(batch, outputs[i])  # the first record always fits
                 members.append(i)
             handed.append(await self._submit(batch, topic, partition, members))
         return handed
@@ -256,3 +258,11 @@ class Publisher:
         except KafkaError:
             self.failures += 1
             raise
+
+
+def _append(batch: Any, out: Output) -> bool:
+    """Add ``out`` to an aiokafka batch; False when the batch is full."""
+    added = batch.append(
+        key=out.key, value=out.value, timestamp=out.timestamp_ms, headers=out.headers or []
+    )
+    return added is not None
