@@ -102,6 +102,8 @@ class Intake:
         self.consumer: Any = None
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
         self._owned: dict[str, list[TopicPartition]] = {}  # _of's answers until trackers change
+        self._spill_parts: list[int] | None = None  # the owned spill partitions' numbers
+        self._consumed = 0  # records read since the consumed counter was last updated
         self.spill = SpillState(self.wants_more)
         self.in_progress: set[str] = set()
         self.buffered = 0
@@ -221,6 +223,9 @@ class Intake:
                 await asyncio.sleep(1.0)
                 continue
             await self._take_batch(batch)
+            if self._consumed:  # one metric update per batch, not per record
+                self._m.consumed.inc(self._consumed)
+                self._consumed = 0
             self._apply_budget()
 
     async def _take_batch(self, batch: dict[Any, list[Any]]) -> None:
@@ -273,6 +278,10 @@ class Intake:
             self.buffered < budget * 0.8 and self.buffered_bytes < budget_bytes * 0.8
         ):
             self._pause(False)
+
+    def _trackers_changed(self) -> None:
+        self._owned.clear()
+        self._spill_parts = None
 
     def _of(self, topic: str) -> list[TopicPartition]:
         """The partitions of ``topic`` this consumer owns, by number (asked per spilled record)."""
@@ -436,7 +445,7 @@ class Intake:
             tracker.skip.discard(origin.offset)
             self._outcomes.duplicate(origin)
             return None
-        self._m.consumed.inc()
+        self._consumed += 1
         try:
             req = decode(origin.value, max_bytes=self._s.max_message_bytes)
         except InvalidMessage as exc:
@@ -471,7 +480,9 @@ class Intake:
 
     def _spill_out(self, req: Request) -> None:
         app_id = req.app_id
-        owned = [tp.partition for tp in self._of(self._s.spill_topic)]
+        owned = self._spill_parts
+        if owned is None:
+            owned = self._spill_parts = [tp.partition for tp in self._of(self._s.spill_topic)]
         partition = self.spill.choose(app_id, owned)
         if partition is None:  # no spill partition here: the budget alone bounds memory
             self._lanes.put(req)
@@ -624,12 +635,12 @@ class Intake:
         if self._group_sent is not None:
             await self._group_sent.flush()  # before the next owner can look
         await self.commit(parts)
-        self._owned.clear()
         for tp in parts:
             self.trackers.pop(tp, None)
             self._suspect.pop(tp, None)
             self._spill_paused.discard(tp)
             self._forget_gauges(tp)
+        self._trackers_changed()
         self.spill.revoked(tp.partition for tp in parts if tp.topic == self._s.spill_topic)
         self._m.rebalances.labels("revoked").inc()
         self._m.handed_back.inc(dropped)
@@ -684,7 +695,7 @@ class Intake:
                         len(tracker.skip),
                     )
             self.trackers[tp] = tracker
-            self._owned.clear()
+            self._trackers_changed()
             if tp.topic == self._s.spill_topic:
                 self.spill.read_on(tp.partition)  # what waits there is not known yet
         self.assigned = any(tp.topic == self._s.requests_topic for tp in self.trackers)

@@ -229,7 +229,7 @@ def decode(value: bytes | None, *, max_bytes: int) -> Request:
     message = payload.get("message")
     if not isinstance(message, dict):
         raise InvalidMessage("missing_field" if message is None else "bad_field", "payload.message")
-    if not any(kind in message for kind in MESSAGE_KINDS):
+    if message.keys().isdisjoint(MESSAGE_KINDS):
         raise InvalidMessage("bad_field", "payload.message has no known message type")
 
     version = doc.get("envelope_version", 1)

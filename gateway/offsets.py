@@ -11,6 +11,7 @@ owner can skip them instead of sending them again.
 from __future__ import annotations
 
 import base64
+import bisect
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -116,48 +117,56 @@ class PartitionTracker:
 def encode_done(base: int, done: list[int], limit: int = 4000) -> str:
     """Compact map of finished offsets above ``base``: a zlib'd bitmap, base64.
 
-    Returns "" when there is nothing to record; bounded to ``limit`` characters
-    (beyond that the tail is dropped: those records are simply sent again).
+    ``done`` is in ascending order. Returns "" when there is nothing to record;
+    bounded to ``limit`` characters (beyond that the tail is dropped: those records
+    are simply sent again).
     """
-    rel = [o - base for o in done if o > base]
-    if not rel:
-        return ""
-    text = _META_PREFIX + base64.b85encode(zlib.compress(bitmap(rel), 6)).decode()
-    while len(text) > limit and rel:
-        rel = rel[: len(rel) // 2]
-        return encode_done(base, [base + r for r in rel], limit)
-    return text
+    lo = bisect.bisect_right(done, base)
+    n = len(done) - lo
+    while n > 0:
+        bits = bitmap(done, base, lo, lo + n)
+        text = _META_PREFIX + base64.b85encode(zlib.compress(bits, 6)).decode()
+        if len(text) <= limit:
+            return text
+        n //= 2
+    return ""
 
 
-def bitmap(rel: list[int]) -> bytes:
-    """Bit ``r`` set for every ``r`` of ``rel`` (ascending, distinct, >= 0).
+def bitmap(values: list[int], origin: int = 0, lo: int = 0, hi: int | None = None) -> bytes:
+    """Bit ``v - origin`` set for every ``v`` of ``values[lo:hi]`` (ascending, distinct).
 
-    Runs of consecutive values are found by galloping and set a byte at a time: what is
-    finished beyond a commit is mostly long runs (a spill, a lane that holds a few
-    records back), up to a million of them behind a campaign. Nothing the size of the
-    range is allocated (a set of its gaps took 80 MB there).
+    Runs of consecutive values are found by
+    galloping and set a byte at a time: what is finished beyond a commit is mostly
+    long runs (a spill, a lane that holds a few records back), up to a million of
+    them behind a campaign, and the work is then per run, not per value. Nothing
+    the size of the range is allocated but the bitmap itself.
     """
-    bits = bytearray((rel[-1] >> 3) + 1)
-    i, n = 0, len(rel)
-    if 2 * n < rel[-1]:  # under half set: too few long runs to be worth looking for
-        for r in rel:
+    hi = len(values) if hi is None else hi
+    if hi <= lo:
+        return b""
+    bits = bytearray(((values[hi - 1] - origin) >> 3) + 1)
+    i = lo
+    if 2 * (hi - lo) < values[hi - 1] - origin:  # under half set: too few long runs
+        for v in values[lo:hi]:
+            r = v - origin
             bits[r >> 3] |= 1 << (r & 7)
         return bytes(bits)
-    while i < n:
-        start = rel[i]
-        if i + 1 == n or rel[i + 1] != start + 1:  # alone: the scattered case, kept cheap
+    while i < hi:
+        first = values[i]
+        start = first - origin
+        if i + 1 == hi or values[i + 1] != first + 1:  # alone: the scattered case, kept cheap
             bits[start >> 3] |= 1 << (start & 7)
             i += 1
             continue
-        step, j = 1, i  # rel[j] == start + (j - i): grow j by doubling, then narrow down
-        while j + step < n and rel[j + step] == start + (j + step - i):
+        step, j = 1, i  # values[j] == first + (j - i): grow j by doubling, then narrow down
+        while j + step < hi and values[j + step] == first + (j + step - i):
             j += step
             step *= 2
         while step > 1:
             step //= 2
-            if j + step < n and rel[j + step] == start + (j + step - i):
+            if j + step < hi and values[j + step] == first + (j + step - i):
                 j += step
-        end = rel[j]  # start..end are all set
+        end = values[j] - origin  # start..end are all set
         while start <= end and start & 7:
             bits[start >> 3] |= 1 << (start & 7)
             start += 1

@@ -145,6 +145,7 @@ class Outcomes:
         self._pub = publisher
         self._m = metrics
         self._finished: dict[tuple[str, str], Any] = {}  # the counters' children, by labels
+        self._spilled: dict[str, Any] = {}  # the spill counter's children, by app label
         self._sent_ids = sent_ids
         self._clock = clock
         self._release = release
@@ -504,7 +505,10 @@ class Outcomes:
                     self._m.campaign_label(campaign), status.value
                 ).inc()
         elif ending.spill:
-            self._m.spilled.labels(ending.app_label).inc()
+            spilled = self._spilled.get(ending.app_label)
+            if spilled is None:
+                spilled = self._spilled[ending.app_label] = self._m.spilled.labels(ending.app_label)
+            spilled.inc()
         self._release(ending, True)
 
     def _abandon(self, ending: Ending) -> None:

@@ -30,7 +30,7 @@ This module keeps that state; it does no I/O.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 
 class SpillState:
@@ -49,19 +49,20 @@ class SpillState:
     def spilling(self, app_id: str) -> bool:
         return self.outstanding.get(app_id, 0) > 0
 
-    def choose(self, app_id: str, owned: Iterable[int]) -> int | None:
+    def choose(self, app_id: str, owned: Sequence[int]) -> int | None:
         """The spill partition for ``app_id``'s next spilled record (None: none owned).
 
-        An app keeps its partition while it has records there; a new one gets a
-        partition no other spilling app uses where there is one (hashing picks
-        among the free ones, so a restart tends to pick the same).
+        ``owned`` is in ascending order. An app keeps its partition while it has
+        records there; a new one gets a partition no other spilling app uses where
+        there is one (hashing picks among the free ones, so a restart tends to pick
+        the same).
         """
-        owned_sorted = sorted(owned)
-        if not owned_sorted:
-            return None
         current = self.partition_of.get(app_id)
-        if current is not None and current in owned_sorted:
+        if current is not None and current in owned:
             return current
+        if not owned:
+            return None
+        owned_sorted = owned
         used = {p for app, p in self.partition_of.items() if self.spilling(app)}
         free = [p for p in owned_sorted if p not in used] or owned_sorted
         chosen = free[zlib.crc32(app_id.encode()) % len(free)]
