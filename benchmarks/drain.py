@@ -33,9 +33,11 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from benchmarks.isolation import (
+    CAMPAIGN_PARTITION,
     CASES,
     accepted_at,
     at_of,
@@ -324,6 +326,42 @@ def print_cpu(mix: Mix, gw: dict[str, Any], before: dict[str, Any], after: dict[
     )
 
 
+async def bare_copy(bootstrap: str, src: str, partition: int, dst: str, records: int) -> float:
+    """Records/s of a bare aiokafka copy of ``records`` from ``src`` to ``dst``.
+
+    What spilling a backlog costs at least, in Python: read every record and write it
+    again, no decoding and no bookkeeping, batches of the gateway's fetch size.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await consumer.start()
+    await producer.start()
+    tp = TopicPartition(src, partition)
+    consumer.assign([tp])
+    await consumer.seek_to_beginning(tp)
+    copied, acks = 0, []
+    t0 = time.monotonic()
+    try:
+        while copied < records:
+            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=2000)
+            for part in batch.values():
+                builder = producer.create_batch()
+                for record in part:
+                    if builder.append(key=record.key, value=record.value, timestamp=None) is None:
+                        acks.append(await producer.send_batch(builder, dst, partition=0))
+                        builder = producer.create_batch()
+                        builder.append(key=record.key, value=record.value, timestamp=None)
+                copied += len(part)
+                acks.append(await producer.send_batch(builder, dst, partition=0))
+        await asyncio.gather(*acks)
+        return copied / (time.monotonic() - t0)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
 async def memory_run(bootstrap: str, records: int, seconds: float, apps: int) -> None:
     """Drain ``records`` over ``apps`` apps for ``seconds``: RSS, and other apps' latency.
 
@@ -341,11 +379,23 @@ async def memory_run(bootstrap: str, records: int, seconds: float, apps: int) ->
         counts = {f"app-{i:03d}": records // apps for i in range(apps)}
         await publish_backlog(bootstrap, topic, counts, seed=1)
     print(f"published {records:,} records of {apps} app(s) in {time.monotonic() - t0:.0f} s")
+    copy_rate = 0.0
+    if apps == 1:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(f"copy-{tag}", 1, 1)])
+        finally:
+            await admin.close()
+        copy_rate = await bare_copy(
+            bootstrap, topic, CAMPAIGN_PARTITION, f"copy-{tag}", records // 2
+        )
+        print(f"a bare aiokafka copy of half of them to another topic: {copy_rate:,.0f} records/s")
     sim_port, http_port = free_port(), free_port()
     sim = start_simulator(sim_port, "--app-rate", "500", "--project-rate", "10000")
     env = gateway_env(bootstrap, sim_port, http_port, tag, app_rate=500, project_rate=10000)
     gw = start_gateway(env)
-    samples: list[tuple[float, float, int]] = []
+    samples: list[tuple[float, float, int, float]] = []
     try:
         wait_port(http_port)
         async with aiohttp.ClientSession() as http:
@@ -361,7 +411,8 @@ async def memory_run(bootstrap: str, records: int, seconds: float, apps: int) ->
                 await asyncio.sleep(2)
                 stats = await sim_stats(http, sim_port)
                 sent = int(stats["accepted_total"])  # type: ignore[call-overload]
-                samples.append((time.monotonic() - start, rss_mb(gw.pid), sent))
+                spilled = await gateway_metric(http, http_port, "gateway_spilled_records_total")
+                samples.append((time.monotonic() - start, rss_mb(gw.pid), sent, spilled))
             probes = await probing
             hwm = rss_mb(gw.pid, "VmHWM")
             spilled = await gateway_metric(http, http_port, "gateway_spilled_records_total")
@@ -370,9 +421,16 @@ async def memory_run(bootstrap: str, records: int, seconds: float, apps: int) ->
     finally:
         stop(gw)
         stop(sim)
-    print(f"{'t (s)':>6}{'RSS (MB)':>10}{'sent':>10}")
-    for t, rss, sent in samples:
-        print(f"{t:>6.0f}{rss:>10.1f}{sent:>10}")
+    print(f"{'t (s)':>6}{'RSS (MB)':>10}{'sent':>10}{'spilled':>10}")
+    for t, rss, sent, spill in samples:
+        print(f"{t:>6.0f}{rss:>10.1f}{sent:>10}{spill:>10.0f}")
+    most = next(((t, n) for t, _, _, n in samples if n >= 0.9 * records), None)
+    if most is not None:
+        speed = most[1] / most[0]
+        line = f"spill: 90 % of the backlog in {most[0]:.0f} s, {speed:,.0f} records/s"
+        if copy_rate:
+            line += f"; a bare aiokafka copy {copy_rate:,.0f}/s (ratio {speed / copy_rate:.2f})"
+        print(line)
     rate = samples[-1][2] / samples[-1][0] if samples else 0
     print(
         f"backlog {records:,} over {apps} app(s); drained {samples[-1][2]:,} in "
