@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -316,13 +317,20 @@ async def run_floor(mix: Mix, rate: float, seconds: float, event_loop: str) -> d
     return floor
 
 
+def cpu_ratio(gw: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> float:
+    """The gateway's CPU per message over the mean of the floors measured around it."""
+    cpu_us: float = gw["cpu_us"]
+    floor: float = before["cpu_us_per_request"] + after["cpu_us_per_request"]
+    return 2 * cpu_us / floor
+
+
 def print_cpu(mix: Mix, gw: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
     floor = (before["cpu_us_per_request"] + after["cpu_us_per_request"]) / 2
     print(
         f"  CPU ({after['loop']}): gateway {gw['cpu_us']:.0f} us per message; a bare aiohttp "
         f"client, {len(mix.counts)} lanes paced to {after['rate']:.0f}/s, {floor:.0f} us per "
         f"request (before the drain {before['cpu_us_per_request']:.0f}, after it "
-        f"{after['cpu_us_per_request']:.0f}); ratio {gw['cpu_us'] / floor:.2f}"
+        f"{after['cpu_us_per_request']:.0f}); ratio {cpu_ratio(gw, before, after):.2f}"
     )
 
 
@@ -455,6 +463,9 @@ async def main() -> None:
     )
     p.add_argument("--spill-partitions", type=int, default=24, help="partitions of the spill topic")
     p.add_argument("--only", help="run only the mixes whose name contains this")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="drains per mix and loop, each between two floors"
+    )
     p.add_argument("--scale", type=float, default=1.0, help="backlog of mix (a) times this")
     p.add_argument(
         "--loop",
@@ -484,28 +495,39 @@ async def main() -> None:
         for i, mix in enumerate(mixes(ns.scale)):
             if ns.only and ns.only not in mix.name:
                 continue
-            runs = []
+            runs: dict[str, list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]] = {}
             for event_loop in loops:
+                # floor, gateway, floor, gateway, ...: each drain between two floors
                 expected = mix.total / mix.ideal * (1 - load(env={}).rate_margin)
                 before = await run_floor(mix, expected, min(10.0, mix.ideal), event_loop)
-                gw = await run_gateway(
-                    broker.bootstrap,
-                    mix,
-                    seed=i,
-                    timeline=ns.timeline,
-                    lane_horizon_s=ns.lane_horizon,
-                    spill_partitions=ns.spill_partitions,
-                    event_loop=event_loop,
-                )
-                reached = min(mix.project_rate, gw["sent"] / gw["actual_s"])
-                after = await run_floor(
-                    mix, reached, min(10.0, max(2.0, gw["actual_s"])), event_loop
-                )
-                runs.append((gw, before, after))
+                for _ in range(ns.repeat):
+                    gw = await run_gateway(
+                        broker.bootstrap,
+                        mix,
+                        seed=i,
+                        timeline=ns.timeline,
+                        lane_horizon_s=ns.lane_horizon,
+                        spill_partitions=ns.spill_partitions,
+                        event_loop=event_loop,
+                    )
+                    reached = min(mix.project_rate, gw["sent"] / gw["actual_s"])
+                    after = await run_floor(
+                        mix, reached, min(10.0, max(2.0, gw["actual_s"])), event_loop
+                    )
+                    runs.setdefault(event_loop, []).append((gw, before, after))
+                    before = after
             base = await run_baseline(broker.bootstrap, mix, seed=i, seconds=ns.baseline_seconds)
-            print_mix(mix, runs[0][0], base)
-            for gw, before, after in runs:
-                print_cpu(mix, gw, before, after)
+            print_mix(mix, runs[loops[0]][0][0], base)
+            for event_loop in loops:
+                for gw, before, after in runs[event_loop]:
+                    print_cpu(mix, gw, before, after)
+                if ns.repeat > 1:
+                    ratios = sorted(cpu_ratio(*run) for run in runs[event_loop])
+                    median = statistics.median(ratios)
+                    print(
+                        f"  CPU ({event_loop}), {ns.repeat} drains: median ratio {median:.2f} "
+                        f"(from {ratios[0]:.2f} to {ratios[-1]:.2f})"
+                    )
 
 
 if __name__ == "__main__":
