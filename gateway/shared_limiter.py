@@ -57,7 +57,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.limiter import AdaptiveFactor, restamp, window_delay
+from gateway.limiter import LATE_S, AdaptiveFactor, restamp, window_delay
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class SharedBucket(AdaptiveFactor):
         now = clock()
         try:
             while now < at:
-                await asyncio.sleep(at - now)
+                await asyncio.sleep(at - now + LATE_S)
                 now = clock()
         except asyncio.CancelledError:
             self.lost += 1

@@ -167,3 +167,40 @@ async def test_callers_held_by_a_full_window_wake_at_their_own_turn(monkeypatch)
     assert b.held == 0
     recorded = [start - 0.95 + i * 0.004 for i in range(50)] + sorted(sends)
     assert max_in_window(recorded, 1.0) <= 50
+
+
+def test_under_uvloop_a_held_send_sleeps_once_and_never_goes_before_its_turn(monkeypatch):
+    # uvloop's timers have a millisecond resolution and fire up to ~1.4 ms early: a send
+    # woken before its window frees must not need a second sleep, nor go early
+    import time
+
+    import uvloop
+
+    clock = time.monotonic
+    sleeps = 0
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay, result=None):
+        nonlocal sleeps
+        sleeps += 1
+        return await real_sleep(delay, result)
+
+    async def run() -> list[tuple[float, float]]:
+        b = Bucket("project:p", 50, margin=0.0, clock=clock)
+        start = clock()
+        for i in range(50):  # a full window whose sends leave it one every 7 ms, from 50 ms on
+            b.record(start - 0.95 + i * 0.007)
+        turns = []
+        for _ in range(40):
+            due = b.window_delay(clock()) + clock()
+            turns.append((due, await hold_window([b], clock)))
+        return turns
+
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)
+    loop = uvloop.new_event_loop()
+    try:
+        turns = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert all(sent >= due for due, sent in turns), [due - sent for due, sent in turns]
+    assert sleeps <= len(turns)
