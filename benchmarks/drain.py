@@ -370,7 +370,9 @@ async def bare_copy(bootstrap: str, src: str, partition: int, dst: str, records:
         await producer.stop()
 
 
-async def memory_run(bootstrap: str, records: int, seconds: float, apps: int) -> None:
+async def memory_run(
+    bootstrap: str, records: int, seconds: float, apps: int, project_rate: float = 10_000
+) -> None:
     """Drain ``records`` over ``apps`` apps for ``seconds``: RSS, and other apps' latency.
 
     One app's backlog goes to partition 0. From 5 s after the first send, a request of a
@@ -400,8 +402,8 @@ async def memory_run(bootstrap: str, records: int, seconds: float, apps: int) ->
         )
         print(f"a bare aiokafka copy of half of them to another topic: {copy_rate:,.0f} records/s")
     sim_port, http_port = free_port(), free_port()
-    sim = start_simulator(sim_port, "--app-rate", "500", "--project-rate", "10000")
-    env = gateway_env(bootstrap, sim_port, http_port, tag, app_rate=500, project_rate=10000)
+    sim = start_simulator(sim_port, "--app-rate", "500", "--project-rate", f"{project_rate:g}")
+    env = gateway_env(bootstrap, sim_port, http_port, tag, app_rate=500, project_rate=project_rate)
     gw = start_gateway(env)
     samples: list[tuple[float, float, int, float]] = []
     try:
@@ -441,7 +443,8 @@ async def memory_run(bootstrap: str, records: int, seconds: float, apps: int) ->
         print(line)
     rate = samples[-1][2] / samples[-1][0] if samples else 0
     print(
-        f"backlog {records:,} over {apps} app(s); drained {samples[-1][2]:,} in "
+        f"backlog {records:,} over {apps} app(s), apps 500/s, project {project_rate:,.0f}/s; "
+        f"drained {samples[-1][2]:,} in "
         f"{samples[-1][0]:.0f} s ({rate:,.0f}/s); {spilled:,.0f} spilled; peak RSS {hwm:.0f} MB"
     )
     for case, values in latencies(probes, at).items():
@@ -453,6 +456,12 @@ async def main() -> None:
     p.add_argument("--memory", action="store_true", help="the 1,000,000-record memory run")
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--apps", type=int, default=200, help="apps of the memory run's backlog")
+    p.add_argument(
+        "--memory-project-rate",
+        type=float,
+        default=10_000,
+        help="the memory run's project cap (apps 500/s each)",
+    )
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--baseline-seconds", type=float, default=20)
     p.add_argument(
@@ -485,7 +494,9 @@ async def main() -> None:
         p.error("--rolling-restarts and --kill need --replicas")
     with EmbeddedBroker() as broker:
         if ns.memory:
-            await memory_run(broker.bootstrap, ns.records, ns.seconds, ns.apps)
+            await memory_run(
+                broker.bootstrap, ns.records, ns.seconds, ns.apps, ns.memory_project_rate
+            )
             return
         print(
             "rates as in Sinch (app 20/s, project 800/s); mix (b') scales the app cap to "

@@ -68,11 +68,6 @@ WEBHOOK_PATH = "/webhooks/sinch"
 WHOLE_RATE = 0.9
 SHARE_AHEAD_S = 0.1
 SHARE_HEADROOM = 0.99  # shares of the project cap add up to this much of its pace
-# The cyclic GC's thresholds once started. Python's (700, 10, 10) ran ~17,000 young and
-# 140 full collections in a 40-s spill of a million records, a fifth of the CPU time;
-# these ran 15 and 1. What the GC finds is rare here (messages are trees, not cycles), and
-# 20,000 objects waiting for it are a few MB at most.
-GC_THRESHOLDS = (20_000, 20, 20)
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +264,6 @@ class Gateway:
             # full collection does not pause the loop (a paused loop bunches sends).
             gc.collect()
             gc.freeze()
-            gc.set_threshold(*GC_THRESHOLDS)
             self.started.set()
             log.info("gateway started: project %s, region %s", s.project_id, s.region)
             await self._serve(pipe, stop)
