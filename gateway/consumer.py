@@ -53,6 +53,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 YIELD_EVERY = 32  # records decoded between two turns of the event loop
+# The most one fetch answer may carry, over all partitions. aiokafka keeps what a
+# partition's answer brought until it is read, also while the partition is paused, and
+# some brokers (Tansu) fill a partition's part up to this total whatever the
+# per-partition limit: with aiokafka's 50 MB, 24 spill partitions being taken back held
+# a few MB each and RSS climbed past 200 MB. 1 MB answers hold one partition or two.
+FETCH_MAX_BYTES = 1024 * 1024
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -133,7 +139,7 @@ class Intake:
             # a member has this long to finish its revocation and rejoin
             rebalance_timeout_ms=max(session_ms, int((s.revoke_timeout_s + 5.0) * 1000)),
             max_partition_fetch_bytes=max(1_048_576, s.max_message_bytes),
-            fetch_max_bytes=max(52_428_800, s.max_message_bytes),
+            fetch_max_bytes=max(FETCH_MAX_BYTES, s.max_message_bytes),
         )
         consumer.subscribe(list(dict.fromkeys(self._topics)), listener=listener)
         return consumer
