@@ -132,18 +132,15 @@ def encode_done(base: int, done: list[int], limit: int = 4000) -> str:
     return ""
 
 
-def bitmap(values: list[int], origin: int = 0, lo: int = 0, hi: int | None = None) -> bytes:
+def bitmap(values: list[int], origin: int, lo: int, hi: int) -> bytes:
     """Bit ``v - origin`` set for every ``v`` of ``values[lo:hi]`` (ascending, distinct).
 
-    Runs of consecutive values are found by
-    galloping and set a byte at a time: what is finished beyond a commit is mostly
-    long runs (a spill, a lane that holds a few records back), up to a million of
-    them behind a campaign, and the work is then per run, not per value. Nothing
-    the size of the range is allocated but the bitmap itself.
+    Runs of consecutive values are found by galloping and set a byte at a time: what
+    is finished beyond a commit is mostly long runs (a spill, a lane that holds a few
+    records back), up to a million of them behind a campaign, and the work is then
+    per run, not per value. Nothing the size of the range is allocated but the
+    bitmap itself.
     """
-    hi = len(values) if hi is None else hi
-    if hi <= lo:
-        return b""
     bits = bytearray(((values[hi - 1] - origin) >> 3) + 1)
     i = lo
     if 2 * (hi - lo) < values[hi - 1] - origin:  # under half set: too few long runs

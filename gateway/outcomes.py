@@ -144,8 +144,7 @@ class Outcomes:
         self._hurry: asyncio.Future[None] | None = None  # set: stop lingering
         self._pub = publisher
         self._m = metrics
-        self._finished: dict[tuple[str, str], Any] = {}  # the counters' children, by labels
-        self._spilled: dict[str, Any] = {}  # the spill counter's children, by app label
+        self._children: dict[tuple[Any, ...], Any] = {}  # per-message counters' children
         self._sent_ids = sent_ids
         self._clock = clock
         self._release = release
@@ -494,22 +493,23 @@ class Outcomes:
             # record look like a duplicate
             self._sent_ids.add(ending.request.request_id)
         if status is not None:
-            labels = (ending.app_label, status.value)
-            child = self._finished.get(labels)
-            if child is None:
-                child = self._finished[labels] = self._m.outcomes.labels(*labels)
-            child.inc()
+            self._child(self._m.outcomes.labels, ending.app_label, status.value).inc()
             campaign = ending.request.campaign if ending.request is not None else None
             if campaign is not None:
                 self._m.campaign_outcomes.labels(
                     self._m.campaign_label(campaign), status.value
                 ).inc()
         elif ending.spill:
-            spilled = self._spilled.get(ending.app_label)
-            if spilled is None:
-                spilled = self._spilled[ending.app_label] = self._m.spilled.labels(ending.app_label)
-            spilled.inc()
+            self._child(self._m.spilled.labels, ending.app_label).inc()
         self._release(ending, True)
+
+    def _child(self, labels_of: Callable[..., Any], *labels: str) -> Any:
+        """``labels_of(*labels)`` (a metric's ``labels``), once per label set, not per message."""
+        key = (labels_of, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = labels_of(*labels)
+        return child
 
     def _abandon(self, ending: Ending) -> None:
         self._forget(ending)

@@ -62,9 +62,8 @@ class SpillState:
             return current
         if not owned:
             return None
-        owned_sorted = owned
         used = {p for app, p in self.partition_of.items() if self.spilling(app)}
-        free = [p for p in owned_sorted if p not in used] or owned_sorted
+        free = [p for p in owned if p not in used] or list(owned)
         chosen = free[zlib.crc32(app_id.encode()) % len(free)]
         self.partition_of[app_id] = chosen
         return chosen

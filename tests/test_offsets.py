@@ -60,6 +60,9 @@ def test_done_map_ignores_offsets_at_or_below_base_and_drops_the_tail_past_the_l
     rng = random.Random(7)
     done = [90, 95, 100] + [100 + i for i in range(1, 40_000) if rng.random() < 0.5]
     assert decode_done(100, encode_done(100, done, limit=100_000)) == set(done[3:])
-    short = decode_done(100, encode_done(100, done, limit=1000))
+    text = encode_done(100, done, limit=1000)
+    assert len(text) <= 1000
+    short = decode_done(100, text)
     assert short  # a prefix of the finished offsets, not nothing
+    assert len(short) < len(done) - 3  # the tail beyond the limit is dropped
     assert short == set(done[3 : 3 + len(short)])
