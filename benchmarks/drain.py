@@ -370,6 +370,17 @@ async def bare_copy(bootstrap: str, src: str, partition: int, dst: str, records:
         await producer.stop()
 
 
+def crossing(samples: list[tuple[float, float, int, float]], level: float) -> float | None:
+    """When the spilled count reached ``level``, interpolated between two samples."""
+    before = (0.0, 0.0)
+    for t, _, _, spilled in samples:
+        if spilled >= level:
+            t0, n0 = before
+            return t0 + (t - t0) * (level - n0) / (spilled - n0) if spilled > n0 else t
+        before = (t, spilled)
+    return None
+
+
 async def memory_run(
     bootstrap: str, records: int, seconds: float, apps: int, project_rate: float = 10_000
 ) -> None:
@@ -418,7 +429,7 @@ async def memory_run(
 
             probing = asyncio.create_task(probe())
             while time.monotonic() - start < seconds:
-                await asyncio.sleep(2)
+                await asyncio.sleep(1)
                 stats = await sim_stats(http, sim_port)
                 sent = int(stats["accepted_total"])  # type: ignore[call-overload]
                 spilled = await gateway_metric(http, http_port, "gateway_spilled_records_total")
@@ -434,10 +445,12 @@ async def memory_run(
     print(f"{'t (s)':>6}{'RSS (MB)':>10}{'sent':>10}{'spilled':>10}")
     for t, rss, sent, spill in samples:
         print(f"{t:>6.0f}{rss:>10.1f}{sent:>10}{spill:>10.0f}")
-    most = next(((t, n) for t, _, _, n in samples if n >= 0.9 * records), None)
-    if most is not None:
-        speed = most[1] / most[0]
-        line = f"spill: 90 % of the backlog in {most[0]:.0f} s, {speed:,.0f} records/s"
+    t10, t90 = crossing(samples, 0.1 * records), crossing(samples, 0.9 * records)
+    if t10 is not None and t90 is not None and t90 > t10:
+        speed = 0.8 * records / (t90 - t10)
+        line = (
+            f"spill: 90 % of the backlog in {t90:.0f} s; from 10 % to 90 % {speed:,.0f} records/s"
+        )
         if copy_rate:
             line += f"; a bare aiokafka copy {copy_rate:,.0f}/s (ratio {speed / copy_rate:.2f})"
         print(line)

@@ -36,7 +36,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Gauge
 
-from gateway.envelope import Priority, Request, decode, peek_ids
+from gateway.envelope import Priority, Request, decode, peek_ids, surely_not_high
 from gateway.errors import InvalidMessage
 from gateway.offsets import Origin, PartitionTracker, decode_done, encode_done
 from gateway.outcomes import ORIGINAL_KEY, SPILL_HEADER, SPILLED_FROM
@@ -401,6 +401,23 @@ class Intake:
         offset = record.offset
         tracker.add(offset)
         origin = self._origin(tracker, record)
+        key, value = origin.key, origin.value
+        if (
+            key is not None
+            and value is not None
+            and self.spill.spilling(app_id := key.decode(errors="replace"))
+            and len(value) <= self._s.max_message_bytes
+            and tracker.topic != self._s.requests_high_topic
+            and surely_not_high(value, key)
+        ):
+            # keyed by an app that is spilling, and surely not high priority: it follows
+            # the app's other records to the spill topic as read, without decoding (it is
+            # decoded and checked when taken back, as every spilled record is)
+            partition = self._spill_partition(app_id)
+            if partition is not None:
+                if self._enter(tracker, origin):
+                    self._spill(origin, app_id, partition)
+                return True
         req = self._admit(tracker, origin)
         if req is None:
             return True
@@ -443,15 +460,20 @@ class Intake:
             self._lanes.put(req)
         return True
 
-    def _admit(self, tracker: PartitionTracker, origin: Origin) -> Request | None:
-        """Decode and check one record; None when it ended at once."""
+    def _enter(self, tracker: PartitionTracker, origin: Origin) -> bool:
+        """Count one record against the budget; False when it was ended at once."""
         self.buffered += 1
         self.buffered_bytes += origin.size
         if origin.offset in tracker.skip:  # finished before a crash or rebalance
-            tracker.skip.discard(origin.offset)
             self._outcomes.duplicate(origin)
-            return None
+            return False
         self._consumed += 1
+        return True
+
+    def _admit(self, tracker: PartitionTracker, origin: Origin) -> Request | None:
+        """Decode and check one record; None when it ended at once."""
+        if not self._enter(tracker, origin):
+            return None
         try:
             req = decode(origin.value, max_bytes=self._s.max_message_bytes)
         except InvalidMessage as exc:
@@ -485,22 +507,27 @@ class Intake:
         return req
 
     def _spill_out(self, req: Request) -> None:
-        app_id = req.app_id
+        partition = self._spill_partition(req.app_id)
+        if partition is None or req.origin is None:  # no spill partition here: the budget
+            self._lanes.put(req)  # alone bounds memory
+            return
+        # the copy may be read back before Kafka's acknowledgement arrives here:
+        # it must not be taken for a duplicate of its own original
+        self.in_progress.discard(req.request_id)
+        self._spill(req.origin, req.app_id, partition)
+
+    def _spill_partition(self, app_id: str) -> int | None:
         owned = self._spill_parts
         if owned is None:
             owned = self._spill_parts = [tp.partition for tp in self._of(self._s.spill_topic)]
-        partition = self.spill.choose(app_id, owned)
-        if partition is None:  # no spill partition here: the budget alone bounds memory
-            self._lanes.put(req)
-            return
+        return self.spill.choose(app_id, owned)
+
+    def _spill(self, origin: Origin, app_id: str, partition: int) -> None:
         # What the lane holds stays there: it is sent first, while the spill waits. (A
         # broker that keeps no commit metadata re-sends, after a crash, what was finished
         # beyond the commit that those records hold; the group's sent ids in Redis cover it.)
         self.spill.note_spilled(app_id)
-        # the copy may be read back before Kafka's acknowledgement arrives here:
-        # it must not be taken for a duplicate of its own original
-        self.in_progress.discard(req.request_id)
-        self._outcomes.spilled(req, topic=self._s.spill_topic, partition=partition)
+        self._outcomes.spilled(origin, app_id, topic=self._s.spill_topic, partition=partition)
 
     def release(self, ending: Ending, finished: bool) -> None:
         """``release`` for :class:`Outcomes`: the record's ending is written (or abandoned)."""

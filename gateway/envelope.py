@@ -267,6 +267,17 @@ def decode(value: bytes | None, *, max_bytes: int) -> Request:
     )
 
 
+def surely_not_high(value: bytes, app_id: bytes) -> bool:
+    """True when the record ``value`` cannot be a high-priority request and names ``app_id``.
+
+    A cheap look at the raw JSON, for records that are about to be spilled without being
+    decoded: no ``"high"`` string (nor a ``\\u`` escape that could spell one) means no
+    ``"priority": "high"``, and the app's id in quotes is where its ``payload.app_id``
+    would be. A false answer only means the record is decoded as usual.
+    """
+    return b'"high"' not in value and b"\\u" not in value and b'"' + app_id + b'"' in value
+
+
 def peek_ids(value: bytes | None, *, max_bytes: int) -> tuple[str | None, str | None]:
     """``(request_id, app_id)`` as far as they can be read from a record that failed to decode.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import bisect
 import zlib
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _META_PREFIX = "gw1:"
@@ -53,13 +53,110 @@ class Origin:
         return len(self.value) if self.value else 0
 
 
+class Runs:
+    """A set of ints kept as sorted, disjoint runs ``[lo, hi)``.
+
+    Offsets come in long runs: what is read of a partition is contiguous, and what
+    finishes beyond the commit is mostly whole stretches (a spill of a million
+    records behind the few a lane still holds). A run costs the same whatever its
+    length, where a set costs some 60 bytes per offset. Adding at the end is O(1);
+    elsewhere a bisection and at most one insertion.
+    """
+
+    __slots__ = ("_runs", "count")
+
+    def __init__(self) -> None:
+        self._runs: list[list[int]] = []
+        self.count = 0  # how many ints
+
+    def add(self, x: int) -> None:
+        runs = self._runs
+        if runs:
+            last = runs[-1]
+            if last[1] == x:
+                last[1] = x + 1
+                self.count += 1
+                return
+            if x > last[1]:
+                runs.append([x, x + 1])
+                self.count += 1
+                return
+        i = bisect.bisect_right(runs, x, key=_lo)  # runs[:i] start at or before x
+        before = runs[i - 1] if i else None
+        if before is not None and before[1] > x:
+            return
+        self.count += 1
+        after = runs[i] if i < len(runs) else None
+        if before is not None and before[1] == x:
+            if after is not None and after[0] == x + 1:
+                before[1] = after[1]
+                del runs[i]
+            else:
+                before[1] = x + 1
+        elif after is not None and after[0] == x + 1:
+            after[0] = x
+        else:
+            runs.insert(i, [x, x + 1])
+
+    def add_run(self, lo: int, hi: int) -> None:
+        """Add ``lo..hi-1``, all above what is here (decoding a commit's map)."""
+        runs = self._runs
+        if runs and runs[-1][1] == lo:
+            runs[-1][1] = hi
+        else:
+            runs.append([lo, hi])
+        self.count += hi - lo
+
+    def __contains__(self, x: int) -> bool:
+        runs = self._runs
+        i = bisect.bisect_right(runs, x, key=_lo)
+        return i > 0 and runs[i - 1][1] > x
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[int]:
+        for lo, hi in self._runs:
+            yield from range(lo, hi)
+
+    def first(self) -> int | None:
+        return self._runs[0][0] if self._runs else None
+
+    def first_run_end(self, x: int) -> int | None:
+        """The end of the first run if it holds ``x``, else None."""
+        runs = self._runs
+        if runs and runs[0][0] <= x < runs[0][1]:
+            return runs[0][1]
+        return None
+
+    def drop_below(self, x: int) -> None:
+        """Forget every int below ``x``."""
+        runs = self._runs
+        k = 0
+        while k < len(runs) and runs[k][1] <= x:
+            self.count -= runs[k][1] - runs[k][0]
+            k += 1
+        if k:
+            del runs[:k]
+        if runs and runs[0][0] < x:
+            self.count -= x - runs[0][0]
+            runs[0][0] = x
+
+    def runs(self) -> list[tuple[int, int]]:
+        return [(lo, hi) for lo, hi in self._runs]
+
+
+def _lo(run: list[int]) -> int:
+    return run[0]
+
+
 class PartitionTracker:
     """Offsets read from one partition and which of them are finished."""
 
     __slots__ = (
         "_done",
         "_last",
-        "_pending",
+        "_read",
         "committed",
         "committed_meta",
         "moved_at",
@@ -72,28 +169,29 @@ class PartitionTracker:
     def __init__(self, partition: int, committed: int | None = None, topic: str = "") -> None:
         self.partition = partition
         self.topic = topic
-        self._pending: deque[int] = deque()
-        self._done: set[int] = set()
+        self._read = Runs()  # read, from the first unfinished one on
+        self._done = Runs()  # finished, beyond the first unfinished one
         self._last: int | None = None
         self.committed = committed
         self.committed_meta = ""  # the metadata committed with it
         self.moved_at = 0.0  # clock time the committed offset last moved (the watchdog)
         self.revoked = False
-        self.skip: set[int] = set()  # finished before a restart, from commit metadata
+        self.skip = Runs()  # finished before a restart, from commit metadata
 
     def add(self, offset: int) -> None:
-        self._pending.append(offset)
+        self._read.add(offset)
         self._last = offset
 
     def done(self, offset: int) -> None:
-        pending = self._pending
-        if pending and pending[0] == offset:
-            pending.popleft()
-            done = self._done
-            while pending and pending[0] in done:
-                done.discard(pending.popleft())
-        else:
+        read = self._read
+        if read.first() != offset:
             self._done.add(offset)
+            return
+        read.drop_below(offset + 1)
+        done = self._done
+        while (first := read.first()) is not None and (end := done.first_run_end(first)):
+            read.drop_below(end)  # the first unfinished one had finished already
+            done.drop_below(end)
 
     @property
     def next_read(self) -> int | None:
@@ -101,30 +199,32 @@ class PartitionTracker:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Records read and not finished."""
+        return self._read.count - self._done.count
 
     def committable(self) -> int | None:
         """The offset to commit now (next record to process), or None if nothing read."""
-        if self._pending:
-            return self._pending[0]
+        first = self._read.first()
+        if first is not None:
+            return first
         return None if self._last is None else self._last + 1
 
-    def finished_beyond(self) -> list[int]:
-        """Finished offsets above the committable one (for the commit metadata)."""
-        return sorted(self._done)
+    def finished_beyond(self) -> list[tuple[int, int]]:
+        """Runs ``[lo, hi)`` of finished offsets above the committable one (commit metadata)."""
+        return self._done.runs()
 
 
-def encode_done(base: int, done: list[int], limit: int = 4000) -> str:
+def encode_done(base: int, done: list[tuple[int, int]], limit: int = 4000) -> str:
     """Compact map of finished offsets above ``base``: a zlib'd bitmap, base64.
 
-    ``done`` is in ascending order. Returns "" when there is nothing to record;
-    bounded to ``limit`` characters (beyond that the tail is dropped: those records
-    are simply sent again).
+    ``done`` holds ascending, disjoint runs ``[lo, hi)``. Returns "" when there is
+    nothing to record; bounded to ``limit`` characters (beyond that the tail is
+    dropped: those records are simply sent again).
     """
-    lo = bisect.bisect_right(done, base)
-    n = len(done) - lo
+    runs = [(max(lo, base + 1), hi) for lo, hi in done if hi > base + 1]
+    n = len(runs)
     while n > 0:
-        bits = bitmap(done, base, lo, lo + n)
+        bits = bitmap(runs[:n], base)
         text = _META_PREFIX + base64.b85encode(zlib.compress(bits, 6)).decode()
         if len(text) <= limit:
             return text
@@ -132,64 +232,44 @@ def encode_done(base: int, done: list[int], limit: int = 4000) -> str:
     return ""
 
 
-def bitmap(values: list[int], origin: int, lo: int, hi: int) -> bytes:
-    """Bit ``v - origin`` set for every ``v`` of ``values[lo:hi]`` (ascending, distinct).
+def bitmap(runs: list[tuple[int, int]], origin: int) -> bytes:
+    """Bit ``v - origin`` set for every ``v`` of the ascending runs ``[lo, hi)``.
 
-    Runs of consecutive values are found by galloping and set a byte at a time: what
-    is finished beyond a commit is mostly long runs (a spill, a lane that holds a few
-    records back), up to a million of them behind a campaign, and the work is then
-    per run, not per value. Nothing the size of the range is allocated but the
-    bitmap itself.
+    Whole bytes of a run are set at once: a million-offset run costs a slice, not a
+    million bit operations.
     """
-    bits = bytearray(((values[hi - 1] - origin) >> 3) + 1)
-    i = lo
-    if 2 * (hi - lo) < values[hi - 1] - origin:  # under half set: too few long runs
-        for v in values[lo:hi]:
-            r = v - origin
-            bits[r >> 3] |= 1 << (r & 7)
-        return bytes(bits)
-    while i < hi:
-        first = values[i]
-        start = first - origin
-        if i + 1 == hi or values[i + 1] != first + 1:  # alone: the scattered case, kept cheap
-            bits[start >> 3] |= 1 << (start & 7)
-            i += 1
-            continue
-        step, j = 1, i  # values[j] == first + (j - i): grow j by doubling, then narrow down
-        while j + step < hi and values[j + step] == first + (j + step - i):
-            j += step
-            step *= 2
-        while step > 1:
-            step //= 2
-            if j + step < hi and values[j + step] == first + (j + step - i):
-                j += step
-        end = values[j] - origin  # start..end are all set
-        while start <= end and start & 7:
+    bits = bytearray(((runs[-1][1] - 1 - origin) >> 3) + 1)
+    for lo, hi in runs:
+        start, end = lo - origin, hi - origin  # bits start..end-1
+        while start < end and start & 7:
             bits[start >> 3] |= 1 << (start & 7)
             start += 1
-        full = (end + 1 - start) >> 3
+        full = (end - start) >> 3
         if full > 0:
             bits[start >> 3 : (start >> 3) + full] = b"\xff" * full
             start += full << 3
-        while start <= end:
+        while start < end:
             bits[start >> 3] |= 1 << (start & 7)
             start += 1
-        i = j + 1
     return bytes(bits)
 
 
-def decode_done(base: int, text: str | None) -> set[int]:
-    """The offsets recorded by :func:`encode_done`; an empty set for anything else."""
+def decode_done(base: int, text: str | None) -> Runs:
+    """The offsets recorded by :func:`encode_done`; empty for anything else."""
+    runs = Runs()
     if not text or not text.startswith(_META_PREFIX):
-        return set()
+        return runs
     try:
         bits = zlib.decompress(base64.b85decode(text[len(_META_PREFIX) :]))
     except (ValueError, zlib.error):
-        return set()
-    return {
-        base + (i << 3) + b
-        for i, byte in enumerate(bits)
-        if byte
-        for b in range(8)
-        if byte >> b & 1
-    }
+        return runs
+    for i, byte in enumerate(bits):
+        if byte == 0xFF:
+            at = base + (i << 3)
+            runs.add_run(at, at + 8)
+        elif byte:
+            for b in range(8):
+                if byte >> b & 1:
+                    at = base + (i << 3) + b
+                    runs.add_run(at, at + 1)
+    return runs

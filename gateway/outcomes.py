@@ -314,13 +314,14 @@ class Outcomes:
         )
         ending.app_label = self._m.app_label(app_id) if app_id else "none"
 
-    def spilled(self, req: Request, *, topic: str, partition: int) -> None:
+    def spilled(self, origin: Origin, app_id: str, *, topic: str, partition: int) -> None:
         """The record waits in the spill topic: the original is finished once that is written.
 
         The value and the producer's headers are kept unchanged; the record's key
-        becomes its app_id, and the original key and place travel in headers.
+        becomes its app_id, and the original key and place travel in headers. Only
+        the record is kept until then, not its decoded request: a spill of thousands
+        must not keep thousands of payloads alive for the collector.
         """
-        origin = self._origin(req)
         headers: Headers = [h for h in origin.headers if not h[0].startswith(SPILL_HEADER)]
         headers.append((SPILLED_FROM, origin.where().encode()))
         if origin.key is not None:
@@ -328,12 +329,13 @@ class Outcomes:
         out = Output(
             topic,
             origin.value,
-            req.app_id.encode(),
+            app_id.encode(),
             headers,
             partition=partition,
             timestamp_ms=origin.timestamp_ms or None,
         )
-        ending = self._start(None, origin, req, [out])
+        ending = self._start(None, origin, None, [out])
+        ending.app_label = self._m.app_label(app_id)
         ending.spill = True
 
     def duplicate(self, origin: Origin) -> None:

@@ -280,6 +280,27 @@ async def test_high_priority_of_a_spilling_app_goes_out_with_its_next_slot(rig: 
     assert len(r.sent) < 25  # long before the campaign's backlog
 
 
+async def test_only_records_that_are_surely_the_spilling_app_s_and_not_high_skip_decoding(
+    rig: Any,
+) -> None:
+    """A record keyed by a spilling app goes to the spill topic undecoded only when it is
+    surely that app's and not high priority: an escaped "high" and another app's record
+    under that key are decoded and go to their lanes at once."""
+    r = await rig(rates={"campaign": 20.0}, lane_horizon_s=0.5, lane_min_read_ahead=5)
+    for _ in range(40):
+        r.publish(0, "campaign")
+    await r.start((0,))
+    await wait_for(lambda: r.intake.spill.spilling("campaign"), 5, what="the campaign to spill")
+    escaped = sample_request("campaign", 0) | {"priority": "high"}
+    value = orjson.dumps(escaped).replace(b'"high"', b'"\\u0068igh"')
+    r.consumer.append(TOPIC, 0, value, key=b"campaign")
+    other = sample_request("otp", 0)
+    r.consumer.append(TOPIC, 0, orjson.dumps(other), key=b"campaign")
+    urgent = {escaped["request_id"], other["request_id"]}
+    await wait_for(lambda: urgent <= set(r.sent), 5, what="both sends")
+    assert len(r.sent) < 25  # long before the campaign's backlog
+
+
 async def test_a_spill_partition_is_read_only_while_its_app_has_room(rig: Any) -> None:
     r = await rig(rates={"campaign": 20.0}, lane_horizon_s=0.25, lane_min_read_ahead=5)
     for _ in range(50):
@@ -361,7 +382,7 @@ async def test_the_first_assignment_reads_the_commit_and_skips_what_was_finished
 
     r = await rig()
     tp = TopicPartition(TOPIC, 0)
-    committed = {tp: OffsetAndMetadata(5, encode_done(5, [7, 8]))}
+    committed = {tp: OffsetAndMetadata(5, encode_done(5, [(7, 9)]))}
     joining: list[_JoiningConsumer] = []
 
     def factory(listener: Any) -> _JoiningConsumer:

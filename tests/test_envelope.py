@@ -11,6 +11,7 @@ from gateway.envelope import (
     decode,
     request_id_in,
     result_record,
+    surely_not_high,
 )
 from gateway.errors import InvalidMessage
 
@@ -175,3 +176,23 @@ def test_own_correlation_id_longer_than_128_is_rejected():
     assert "correlation_id" in info.value.detail
     with pytest.raises(InvalidMessage):
         decode(with_(payload__correlation_id=12), max_bytes=10_000)
+
+
+@pytest.mark.parametrize(
+    ("value", "app", "expected"),
+    [
+        (orjson.dumps(GOOD), b"a1", True),
+        (with_(priority="low"), b"a1", True),
+        (with_(priority="high"), b"a1", False),
+        # an escape that spells "high": decoded, never guessed
+        (with_(priority="high").replace(b'"high"', b'"\\u0068igh"'), b"a1", False),
+        (orjson.dumps(GOOD), b"a2", False),  # another app
+        (orjson.dumps(GOOD), b"a", False),  # a prefix of the app's id is not its id
+    ],
+)
+def test_surely_not_high_never_passes_a_high_priority_record(value, app, expected):
+    assert surely_not_high(value, app) is expected
+    if expected:  # what it lets through decodes to a non-high request of that app
+        req = decode(value, max_bytes=10_000)
+        assert req.priority is not Priority.HIGH
+        assert req.app_id == app.decode()
