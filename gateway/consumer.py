@@ -316,8 +316,8 @@ class Intake:
                     await consumer.getmany(*high, timeout_ms=0, max_records=s.fetch_max_records)
                 )
         spill = [tp for tp in self._of(s.spill_topic) if tp not in self._spill_paused]
+        each = max(1, s.fetch_max_records // max(1, len(spill)))
         if spill:
-            each = max(1, s.fetch_max_records // len(spill))
             for tp in spill:
                 batch.update(await consumer.getmany(tp, timeout_ms=0, max_records=each))
         parts = self._of(s.requests_topic)
@@ -332,7 +332,11 @@ class Intake:
                 batch.update(got)
             if batch:
                 return batch
-        result: dict[Any, list[Any]] = await consumer.getmany(timeout_ms=200, max_records=room)
+        # Nothing at hand: wait for whatever comes first. A spill partition's slice stays a
+        # slice here too: reading it stops at the first app whose lane is full, and
+        # what was handed out beyond that is dropped (seek back) and fetched again.
+        limit = min(room, each) if spill else room
+        result: dict[Any, list[Any]] = await consumer.getmany(timeout_ms=200, max_records=limit)
         return result
 
     def _pause(self, pause: bool) -> None:

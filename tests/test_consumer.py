@@ -316,6 +316,29 @@ async def test_a_spill_partition_is_read_only_while_its_app_has_room(rig: Any) -
     assert r.intake.buffered <= 8
 
 
+async def test_a_wait_for_records_takes_a_slice_of_a_spill_partition_not_the_whole_room(
+    rig: Any,
+) -> None:
+    """Reading a spill partition stops at the first app whose lane is full, and what was
+    handed out beyond it is fetched again: with nothing at hand, the wait for records
+    takes a spill partition's slice (fetch_max_records over the spill partitions read)."""
+    r = await rig(fetch_max_records=100)
+    await r.intake.start()
+    tps = {TopicPartition(SPILL, p) for p in range(4)}
+    r.consumer.assigned = set(tps)
+    await r.intake.assign(tps)
+    for n in range(500):
+        r.consumer.append(SPILL, 0, orjson.dumps(sample_request("x", n)), key=b"x")
+    at_hand = r.consumer.getmany
+
+    async def nothing_prefetched(*tps: Any, timeout_ms: int = 0, **kw: Any) -> Any:
+        return await at_hand(*tps, timeout_ms=timeout_ms, **kw) if timeout_ms else {}
+
+    r.consumer.getmany = nothing_prefetched  # type: ignore[method-assign]
+    batch = await r.intake._fetch(r.consumer, 2000)
+    assert 0 < sum(len(records) for records in batch.values()) <= 25
+
+
 async def test_apps_sharing_a_spill_partition_do_not_wait_for_each_other(rig: Any) -> None:
     """A full app's spilled record is taken while another app of the partition wants more,
     up to twice its read-ahead; past that (or when no other app wants more) the read stops."""
