@@ -369,7 +369,10 @@ class Outcomes:
         ending = Ending(status, origin, req, outputs)
         if req is not None:
             ending.app_label = self._m.app_label(req.app_id)
-        self._writing.setdefault(origin.tracker, set()).add(ending)
+        writing = self._writing.get(origin.tracker)
+        if writing is None:
+            writing = self._writing[origin.tracker] = set()
+        writing.add(ending)
         queue = self._queue
         queue.append(ending)
         self._wake.set()
