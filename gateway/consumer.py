@@ -2,7 +2,9 @@
 
 Three topics are read: the high-priority requests topic first (never paused
 for the budget), the requests topic, and the spill topic. The loop decodes each
-record and routes it to its app's lane; it never waits for a send. Every record
+record and routes it to its app's lane; it never waits for a send. (A record keyed by
+an app that is spilling, which surely is that app's and not high priority, follows the
+app's records to the spill topic undecoded: it is decoded when taken back.) Every record
 that does not go to a lane ends at once through
 :class:`~gateway.outcomes.Outcomes`: a bad one is ``rejected`` (DLQ and a
 result), a duplicate is skipped, an expired one gets its result, and a normal

@@ -46,6 +46,9 @@ TICK_S = 0.004  # wake-up granularity of the pacing
 # resolution, and a clock read once per loop iteration) fired up to 1.4 ms early in a
 # third of the sleeps measured; a send that wakes before its window frees sleeps twice.
 LATE_S = 0.0015
+# A window guard's delay below this is the rounding of a send exactly ``1 + margin`` after the
+# one it waits for (uvloop's clock counts whole milliseconds, so that is common): not held.
+ROUNDING_S = 1e-6
 
 
 class SlotSource(Protocol):
@@ -285,7 +288,7 @@ async def hold_window(buckets: Sequence[Bucket | SlotSource], clock: Clock) -> f
     now = clock()
     while buckets:
         now = clock()
-        full = [b for b in buckets if b.window_delay(now) > 0]
+        full = [b for b in buckets if b.window_delay(now) > ROUNDING_S]
         if not full:
             break
         # behind the callers the same windows hold already: each of them takes the next

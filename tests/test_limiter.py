@@ -202,3 +202,25 @@ def test_under_uvloop_a_held_send_sleeps_once_and_never_goes_before_its_turn(mon
         loop.close()
     assert all(sent >= due for due, sent in turns), [due - sent for due, sent in turns]
     assert sleeps[0] <= len(turns)
+
+
+async def test_a_send_exactly_one_window_after_the_one_it_waits_for_is_not_held(monkeypatch):
+    """uvloop's clock counts whole milliseconds: a send often comes exactly 1 + margin after
+    the rate-th send before it, and the float sum may then say 2e-16 s are left."""
+    now = [0.106]
+    b = Bucket("project", 1, burst=1, margin=0.02, clock=lambda: now[0])
+    b.record(0.106)
+    now[0] = 1.126
+    assert 0 < b.window_delay(now[0]) < 1e-12  # rounding, not time left
+    slept: list[float] = []
+
+    async def fake_sleep(delay: float, result: object = None) -> object:
+        slept.append(delay)
+        now[0] += delay
+        return result
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    assert await hold_window([b], lambda: now[0]) == 1.126
+    assert slept == []
+    now[0] = 1.125  # a millisecond early is held
+    assert b.window_delay(now[0]) > 0.0009
