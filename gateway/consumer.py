@@ -470,9 +470,12 @@ class Intake:
         """Count one record against the budget; False when it was ended at once."""
         self.buffered += 1
         self.buffered_bytes += origin.size
-        if origin.offset in tracker.skip:  # finished before a crash or rebalance
-            self._outcomes.duplicate(origin)
-            return False
+        skip = tracker.skip  # finished before a crash or rebalance
+        if skip:
+            if origin.offset in skip:
+                self._outcomes.duplicate(origin)
+                return False
+            skip.drop_below(origin.offset)  # read in order: what is passed is not met again
         self._consumed += 1
         return True
 
