@@ -111,6 +111,9 @@ class Intake:
         self.trackers: dict[TopicPartition, PartitionTracker] = {}
         self._owned: dict[str, list[TopicPartition]] = {}  # _of's answers until trackers change
         self._spill_parts: list[int] | None = None  # the owned spill partitions' numbers
+        # records spilled one after the other, not handed to Outcomes yet: (tracker, app, partition)
+        self._run: list[Origin] = []
+        self._run_key: tuple[PartitionTracker, str, int] | None = None
         self._consumed = 0  # records read since the consumed counter was last updated
         self.spill = SpillState(self.wants_more)
         self.in_progress: set[str] = set()
@@ -243,6 +246,7 @@ class Intake:
             if tracker is None or tracker.revoked:
                 continue
             if tp in self._suspect:
+                self._flush_spills()
                 await self._ask_group(tp, records)
             take = self.take_spilled if tp.topic == spill_topic else self.take
             for i, record in enumerate(records, 1):
@@ -251,9 +255,11 @@ class Intake:
                 if i % YIELD_EVERY == 0:
                     # a long batch must not stall the loop: a late send bunches
                     # with the next one and can break Sinch's 1-second window
+                    self._flush_spills()
                     await asyncio.sleep(0)
                     if tracker.revoked:
                         break
+        self._flush_spills()
 
     async def _ask_group(self, tp: TopicPartition, records: list[Any]) -> None:
         """Learn which of the records re-read after a takeover the group already sent."""
@@ -422,8 +428,9 @@ class Intake:
             partition = self._spill_partition(app_id)
             if partition is not None:
                 if self._enter(tracker, origin):
-                    self._spill(origin, app_id, partition)
+                    self._gather_spill(origin, app_id, partition)
                 return True
+        self._flush_spills()  # what follows comes after the run in the app's order
         req = self._admit(tracker, origin)
         if req is None:
             return True
@@ -536,7 +543,25 @@ class Intake:
         # broker that keeps no commit metadata re-sends, after a crash, what was finished
         # beyond the commit that those records hold; the group's sent ids in Redis cover it.)
         self.spill.note_spilled(app_id)
-        self._outcomes.spilled(origin, app_id, topic=self._s.spill_topic, partition=partition)
+        self._outcomes.spilled([origin], app_id, topic=self._s.spill_topic, partition=partition)
+
+    def _gather_spill(self, origin: Origin, app_id: str, partition: int) -> None:
+        """Spill ``origin`` with the run of the same app's records read just before it."""
+        key = (origin.tracker, app_id, partition)
+        if key != self._run_key:
+            self._flush_spills()
+            self._run_key = key
+        self._run.append(origin)
+        self.spill.note_spilled(app_id)
+
+    def _flush_spills(self) -> None:
+        """Hand the gathered run to :class:`Outcomes` (before any wait of the loop, so that
+        a revocation never finds a run that is read and neither spilled nor held)."""
+        run, key = self._run, self._run_key
+        if run and key is not None:
+            self._run = []
+            self._outcomes.spilled(run, key[1], topic=self._s.spill_topic, partition=key[2])
+        self._run_key = None
 
     def release(self, ending: Ending, finished: bool) -> None:
         """``release`` for :class:`Outcomes`: the record's ending is written (or abandoned)."""
@@ -545,6 +570,11 @@ class Intake:
             origin.tracker.done(origin.offset)
         self.buffered -= 1
         self.buffered_bytes -= origin.size
+        for other in ending.others:  # the rest of a spilled run
+            if finished:
+                other.tracker.done(other.offset)
+            self.buffered -= 1
+            self.buffered_bytes -= other.size
         req = ending.request
         if req is not None and not ending.spill:  # a spill's mark went when it was spilled
             self.in_progress.discard(req.request_id)

@@ -89,6 +89,8 @@ class Ending:
     attempt: int = 0
     waiting: int = 0  # outputs handed to the producer and not answered yet
     abandoned: bool = False
+    # a spill of records read one after the other: the ones after ``origin``, finished with it
+    others: tuple[Origin, ...] = ()
 
 
 def dlq_headers(
@@ -314,29 +316,42 @@ class Outcomes:
         )
         ending.app_label = self._m.app_label(app_id) if app_id else "none"
 
-    def spilled(self, origin: Origin, app_id: str, *, topic: str, partition: int) -> None:
-        """The record waits in the spill topic: the original is finished once that is written.
+    def spilled(
+        self, origins: Sequence[Origin], app_id: str, *, topic: str, partition: int
+    ) -> None:
+        """Records wait in the spill topic: the originals are finished once those are written.
 
-        The value and the producer's headers are kept unchanged; the record's key
-        becomes its app_id, and the original key and place travel in headers. Only
-        the record is kept until then, not its decoded request: a spill of thousands
-        must not keep thousands of payloads alive for the collector.
+        The values and the producer's headers are kept unchanged; each record's key
+        becomes its app_id, and the original key and place travel in headers. Records
+        of one app read one after the other share one ending, written and finished
+        together (a spill of a million is bookkept in runs, not record by record); only
+        the records are kept until then, not their decoded requests.
         """
-        headers: Headers = [h for h in origin.headers if not h[0].startswith(SPILL_HEADER)]
-        headers.append((SPILLED_FROM, origin.where().encode()))
-        if origin.key is not None:
-            headers.append((ORIGINAL_KEY, origin.key))
-        out = Output(
-            topic,
-            origin.value,
-            app_id.encode(),
-            headers,
-            partition=partition,
-            timestamp_ms=origin.timestamp_ms or None,
-        )
-        ending = self._start(None, origin, None, [out])
+        key = app_id.encode()
+        outputs: list[Output] = []
+        for origin in origins:
+            headers: Headers = (
+                [h for h in origin.headers if not h[0].startswith(SPILL_HEADER)]
+                if origin.headers
+                else []
+            )
+            headers.append((SPILLED_FROM, origin.where().encode()))
+            if origin.key is not None:
+                headers.append((ORIGINAL_KEY, origin.key))
+            outputs.append(
+                Output(
+                    topic,
+                    origin.value,
+                    key,
+                    headers,
+                    partition=partition,
+                    timestamp_ms=origin.timestamp_ms or None,
+                )
+            )
+        ending = self._start(None, origins[0], None, outputs)
         ending.app_label = self._m.app_label(app_id)
         ending.spill = True
+        ending.others = tuple(origins[1:])
 
     def duplicate(self, origin: Origin) -> None:
         """Already sent or in flight: finished at once, nothing written."""
@@ -505,7 +520,7 @@ class Outcomes:
                     self._m.campaign_label(campaign), status.value
                 ).inc()
         elif ending.spill:
-            self._child(self._m.spilled.labels, ending.app_label).inc()
+            self._child(self._m.spilled.labels, ending.app_label).inc(1 + len(ending.others))
         self._release(ending, True)
 
     def _child(self, labels_of: Callable[..., Any], *labels: str) -> Any:

@@ -266,6 +266,37 @@ async def test_a_campaign_spills_and_other_apps_in_its_partition_are_not_held(ri
     assert r.consumer.committed_offset(0) == 63
 
 
+async def test_a_refused_write_in_a_spilled_run_holds_the_commit_and_goes_again_alone(
+    rig: Any,
+) -> None:
+    """Records spilled one after the other share one ending: nothing of the run is finished
+    while Kafka refuses one of its writes, and only that one is written again."""
+    r = await rig(rates={"campaign": 50.0}, lane_horizon_s=0.2, lane_min_read_ahead=5)
+    docs = [r.publish(0, "campaign") for _ in range(40)]
+    stuck, refusing = orjson.dumps(docs[20]), [True]
+    r.publisher.refuse = lambda topic, v: (
+        "fail" if topic == SPILL and v == stuck and refusing[0] else "ack"
+    )
+    await r.start((0,))
+    await wait_for(lambda: r.outcomes.failing() == 1, 5, what="the refused spill write")
+    await r.intake.commit()
+    assert (r.consumer.committed_offset(0) or 0) <= 20  # nothing past the refused record
+    refusing[0] = False
+    await wait_for(lambda: len(r.sent) == 40, 10, what="the whole campaign")
+    assert sorted(r.sent) == sorted(d["request_id"] for d in docs)  # each once
+    assert len(r.publisher.on(SPILL)) == r.intake.spill.spilled  # none of the run twice
+    counted = sum(
+        sample.value
+        for metric in r.metrics.spilled.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+    assert counted == r.intake.spill.spilled  # records, not runs
+    await wait_for(lambda: r.intake.buffered == 0, 5, what="every ending")
+    await r.intake.commit()
+    assert r.consumer.committed_offset(0) == 40
+
+
 async def test_high_priority_of_a_spilling_app_goes_out_with_its_next_slot(rig: Any) -> None:
     r = await rig(rates={"campaign": 20.0}, lane_horizon_s=0.5, lane_min_read_ahead=5)
     for _ in range(40):
