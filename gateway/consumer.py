@@ -430,7 +430,6 @@ class Intake:
                 if self._enter(tracker, origin):
                     self._gather_spill(origin, app_id, partition)
                 return True
-        self._flush_spills()  # what follows comes after the run in the app's order
         req = self._admit(tracker, origin)
         if req is None:
             return True
@@ -530,7 +529,7 @@ class Intake:
         # the copy may be read back before Kafka's acknowledgement arrives here:
         # it must not be taken for a duplicate of its own original
         self.in_progress.discard(req.request_id)
-        self._spill(req.origin, req.app_id, partition)
+        self._gather_spill(req.origin, req.app_id, partition)
 
     def _spill_partition(self, app_id: str) -> int | None:
         owned = self._spill_parts
@@ -538,15 +537,15 @@ class Intake:
             owned = self._spill_parts = [tp.partition for tp in self._of(self._s.spill_topic)]
         return self.spill.choose(app_id, owned)
 
-    def _spill(self, origin: Origin, app_id: str, partition: int) -> None:
+    def _gather_spill(self, origin: Origin, app_id: str, partition: int) -> None:
+        """Spill ``origin`` with the run of the same app's records read just before it.
+
+        Every spill goes through here, decoded or not, so an app's records reach the
+        spill topic in the order they were read.
+        """
         # What the lane holds stays there: it is sent first, while the spill waits. (A
         # broker that keeps no commit metadata re-sends, after a crash, what was finished
         # beyond the commit that those records hold; the group's sent ids in Redis cover it.)
-        self.spill.note_spilled(app_id)
-        self._outcomes.spilled([origin], app_id, topic=self._s.spill_topic, partition=partition)
-
-    def _gather_spill(self, origin: Origin, app_id: str, partition: int) -> None:
-        """Spill ``origin`` with the run of the same app's records read just before it."""
         key = (origin.tracker, app_id, partition)
         if key != self._run_key:
             self._flush_spills()
