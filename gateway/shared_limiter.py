@@ -442,11 +442,16 @@ class SharedLimiter:
         if self._closed:
             return
         self._closed = True
-        tasks = [t for t in (self._watcher, *self._pushes) if t is not None]
-        tasks += [b._draw_task for b in self._buckets if b._draw_task is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks = {t for t in (self._watcher, *self._pushes) if t is not None}
+        tasks |= {b._draw_task for b in self._buckets if b._draw_task is not None}
+        pending = tasks
+        while pending:
+            for t in pending:
+                t.cancel()
+            # redis-py may swallow a cancel that lands on a reply already read (the call
+            # then fails and the loop goes on): ask again until every task is done
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        await asyncio.gather(*tasks, return_exceptions=True)  # done: retrieves their errors
         if self._redis is not None:
             await self._redis.aclose()
 

@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.limiter import Bucket, acquire
 from gateway.shared_limiter import SharedBucket, SharedLimiter
@@ -289,6 +290,37 @@ async def test_a_refused_login_holds_and_never_shows_the_password(
         bucket = lim.bucket("project:p", 100)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(bucket.take(), 0.3)
+
+
+async def test_stop_ends_even_when_a_redis_call_swallows_the_cancel(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py may turn a cancel that lands on a reply already read into a failed call
+    (seen with a refused login under load): the watcher then goes on to its back-off,
+    and ``stop()`` must not wait for it for ever."""
+    lim = SharedLimiter(redis_server.url, timeout_s=0.5, ping_interval_s=0.01)
+    await lim.start()
+    assert lim._redis is not None
+    entered = asyncio.Event()
+    real_time = lim._redis.time
+
+    async def time_swallowing_the_cancel() -> tuple[int, int]:
+        if entered.is_set():  # once
+            return await real_time()  # type: ignore[no-any-return]
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise RedisConnectionError("Connection closed by server.") from None
+        return 0, 0
+
+    lim._redis.time = time_swallowing_the_cancel  # type: ignore[method-assign]
+    await asyncio.wait_for(entered.wait(), 5)
+    stopping = asyncio.create_task(lim.stop())
+    done, _ = await asyncio.wait([stopping], timeout=5)
+    assert done, "stop() still waits for the watcher"
+    assert lim._watcher is not None
+    assert lim._watcher.done()
 
 
 async def test_a_favoured_caller_does_not_queue_behind_the_crowd(
