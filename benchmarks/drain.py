@@ -334,8 +334,10 @@ def print_cpu(mix: Mix, gw: dict[str, Any], before: dict[str, Any], after: dict[
     )
 
 
-async def bare_copy(bootstrap: str, src: str, partition: int, dst: str, records: int) -> float:
-    """Records/s of a bare aiokafka copy of ``records`` from ``src`` to ``dst``.
+async def bare_copy(
+    bootstrap: str, src: str, partition: int, dst: str, records: int
+) -> tuple[float, float]:
+    """Records/s and CPU us per record of a bare aiokafka copy from ``src`` to ``dst``.
 
     What spilling a backlog costs at least, in Python: read every record and write it
     again, no decoding and no bookkeeping, batches of the gateway's fetch size.
@@ -350,7 +352,7 @@ async def bare_copy(bootstrap: str, src: str, partition: int, dst: str, records:
     consumer.assign([tp])
     await consumer.seek_to_beginning(tp)
     copied, acks = 0, []
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     try:
         while copied < records:
             batch = await consumer.getmany(tp, timeout_ms=1000, max_records=2000)
@@ -364,21 +366,34 @@ async def bare_copy(bootstrap: str, src: str, partition: int, dst: str, records:
                 copied += len(part)
                 acks.append(await producer.send_batch(builder, dst, partition=0))
         await asyncio.gather(*acks)
-        return copied / (time.monotonic() - t0)
+        return copied / (time.monotonic() - t0), (time.process_time() - cpu0) / copied * 1e6
     finally:
         await consumer.stop()
         await producer.stop()
 
 
-def crossing(samples: list[tuple[float, float, int, float]], level: float) -> float | None:
+# a memory run's sample: seconds since the first send, RSS (MB), sent, spilled, CPU seconds
+Sample = tuple[float, float, int, float, float]
+
+
+def crossing(samples: list[Sample], level: float) -> float | None:
     """When the spilled count reached ``level``, interpolated between two samples."""
     before = (0.0, 0.0)
-    for t, _, _, spilled in samples:
+    for t, _, _, spilled, _ in samples:
         if spilled >= level:
             t0, n0 = before
             return t0 + (t - t0) * (level - n0) / (spilled - n0) if spilled > n0 else t
         before = (t, spilled)
     return None
+
+
+def spill_cpu(samples: list[Sample], lo: float, hi: float) -> float | None:
+    """The gateway's CPU us per record spilled between the samples at ``lo`` and ``hi``
+    spilled records (its sends of the time included)."""
+    inside = [s for s in samples if lo <= s[3] <= hi]
+    if len(inside) < 2 or inside[-1][3] <= inside[0][3]:
+        return None
+    return (inside[-1][4] - inside[0][4]) / (inside[-1][3] - inside[0][3]) * 1e6
 
 
 async def memory_run(
@@ -400,7 +415,7 @@ async def memory_run(
         counts = {f"app-{i:03d}": records // apps for i in range(apps)}
         await publish_backlog(bootstrap, topic, counts, seed=1)
     print(f"published {records:,} records of {apps} app(s) in {time.monotonic() - t0:.0f} s")
-    copy_rate = 0.0
+    copy_rate = copy_cpu = 0.0
     if apps == 1:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()
@@ -408,15 +423,18 @@ async def memory_run(
             await admin.create_topics([NewTopic(f"copy-{tag}", 1, 1)])
         finally:
             await admin.close()
-        copy_rate = await bare_copy(
+        copy_rate, copy_cpu = await bare_copy(
             bootstrap, topic, CAMPAIGN_PARTITION, f"copy-{tag}", records // 2
         )
-        print(f"a bare aiokafka copy of half of them to another topic: {copy_rate:,.0f} records/s")
+        print(
+            f"a bare aiokafka copy of half of them to another topic: {copy_rate:,.0f} records/s, "
+            f"{copy_cpu:.1f} us of CPU per record"
+        )
     sim_port, http_port = free_port(), free_port()
     sim = start_simulator(sim_port, "--app-rate", "500", "--project-rate", f"{project_rate:g}")
     env = gateway_env(bootstrap, sim_port, http_port, tag, app_rate=500, project_rate=project_rate)
     gw = start_gateway(env)
-    samples: list[tuple[float, float, int, float]] = []
+    samples: list[Sample] = []
     try:
         wait_port(http_port)
         async with aiohttp.ClientSession() as http:
@@ -433,7 +451,8 @@ async def memory_run(
                 stats = await sim_stats(http, sim_port)
                 sent = int(stats["accepted_total"])  # type: ignore[call-overload]
                 spilled = await gateway_metric(http, http_port, "gateway_spilled_records_total")
-                samples.append((time.monotonic() - start, rss_mb(gw.pid), sent, spilled))
+                t, rss, cpu = time.monotonic() - start, rss_mb(gw.pid), cpu_seconds(gw.pid)
+                samples.append((t, rss, sent, spilled, cpu))
             probes = await probing
             hwm = rss_mb(gw.pid, "VmHWM")
             spilled = await gateway_metric(http, http_port, "gateway_spilled_records_total")
@@ -443,7 +462,7 @@ async def memory_run(
         stop(gw)
         stop(sim)
     print(f"{'t (s)':>6}{'RSS (MB)':>10}{'sent':>10}{'spilled':>10}")
-    for t, rss, sent, spill in samples:
+    for t, rss, sent, spill, _ in samples:
         print(f"{t:>6.0f}{rss:>10.1f}{sent:>10}{spill:>10.0f}")
     t10, t90 = crossing(samples, 0.1 * records), crossing(samples, 0.9 * records)
     if t10 is not None and t90 is not None and t90 > t10:
@@ -454,6 +473,12 @@ async def memory_run(
         if copy_rate:
             line += f"; a bare aiokafka copy {copy_rate:,.0f}/s (ratio {speed / copy_rate:.2f})"
         print(line)
+        per = spill_cpu(samples, 0.1 * records, 0.9 * records)
+        if per is not None:
+            line = f"spill: {per:.1f} us of the gateway's CPU per record (its sends included)"
+            if copy_cpu:
+                line += f"; a bare aiokafka copy {copy_cpu:.1f} us (ratio {per / copy_cpu:.2f})"
+            print(line)
     rate = samples[-1][2] / samples[-1][0] if samples else 0
     print(
         f"backlog {records:,} over {apps} app(s), apps 500/s, project {project_rate:,.0f}/s; "
