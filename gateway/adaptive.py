@@ -15,11 +15,11 @@ jitter at Sinch can cause one): a scope is cut from its ``confirm``-th 429 withi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from gateway.aio import wait_within
 from gateway.lanes import AnyBucket as Bucket
 
 if TYPE_CHECKING:
@@ -89,6 +89,5 @@ class AdaptiveRates:
 
     async def run(self, stop: asyncio.Event, interval_s: float = 0.5) -> None:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+            await wait_within(stop.wait(), interval_s)
             self.tick()

@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -39,6 +39,7 @@ from gateway import logs
 from gateway.adaptive import AdaptiveRates
 from gateway.admin import Health, make_admin_app, start_site
 from gateway.admin_api import AdminApi, describe_lanes
+from gateway.aio import wait_within
 from gateway.app_rates import AppRates
 from gateway.consumer import Intake
 from gateway.controls import Controls, LaneTarget, LocalStore, RedisStore, Store
@@ -715,5 +716,4 @@ class Gateway:
                 attempt += 1
                 delay = min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)  # noqa: S311
                 log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+                await wait_within(stop.wait(), delay)

@@ -29,13 +29,13 @@ up to ``app_rate_refresh_s`` (or Sinch's retry hint, if longer).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from gateway.aio import wait_within
 from gateway.errors import AuthError, SinchError, TransportError
 from gateway.settings import Settings
 from gateway.sinch import AppInfo
@@ -288,8 +288,7 @@ class AppRates:
             due = [a.due for k, a in self._apps.items() if k in readable and not a.reading]
             # active_apps() is looked at again within app_queue_refresh_s at the latest
             wait = min([s.app_queue_refresh_s, *(d - now for d in due)])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
+            await wait_within(self._wake.wait(), wait)
 
     def _read_done(self, task: asyncio.Task[None]) -> None:
         self._readers.discard(task)

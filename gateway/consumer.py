@@ -38,6 +38,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Gauge
 
+from gateway.aio import wait_within
 from gateway.envelope import Priority, Request, decode, peek_ids, surely_not_high
 from gateway.errors import InvalidMessage
 from gateway.offsets import Origin, PartitionTracker, decode_done, encode_done
@@ -634,8 +635,7 @@ class Intake:
 
     async def commit_loop(self) -> None:
         while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._s.commit_interval_s)
+            await wait_within(self._stopping.wait(), self._s.commit_interval_s)
             await self.commit()
             self._update_lag()
             self._watch()

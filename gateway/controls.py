@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
+from gateway.aio import wait_within
 from gateway.envelope import Request
 
 if TYPE_CHECKING:
@@ -404,8 +405,7 @@ class Controls:
         """Follow the store every ``poll_s`` until ``stop``."""
         while not stop.is_set():
             await self.refresh()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._poll_s)
+            await wait_within(stop.wait(), self._poll_s)
 
 
 class LaneTarget:

@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
+from gateway.aio import wait_within
 from gateway.envelope import Request
 from gateway.limiter import Bucket, acquire, hold_window
 from gateway.offsets import PartitionTracker
@@ -176,9 +177,7 @@ class Lane:
                 if timeout is None:
                     await self._wakeup
                 else:
-                    await asyncio.wait_for(self._wakeup, timeout)
-            except TimeoutError:
-                pass
+                    await wait_within(self._wakeup, timeout)
             finally:
                 self._wakeup = None
 

@@ -35,7 +35,6 @@ a second send.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from gateway.aio import wait_within
 from gateway.envelope import Request, Status, result_record
 from gateway.offsets import Origin, PartitionTracker
 from gateway.producer import Handed, Headers, Output
@@ -563,8 +563,7 @@ class Outcomes:
                     self._abandon(ending)
                 return False
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.05))
+            await wait_within(self._changed.wait(), min(remaining, 0.05))
         return True
 
     def _endings(self, partitions: set[PartitionTracker] | None) -> list[Ending]:

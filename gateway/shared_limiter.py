@@ -57,6 +57,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.aio import wait_within
 from gateway.limiter import LATE_S, AdaptiveFactor, restamp, window_delay
 
 log = logging.getLogger(__name__)
@@ -623,8 +624,7 @@ class SharedLimiter:
         delay = lo
         while True:
             if self._up.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._went_down.wait(), self._ping_interval_s)
+                await wait_within(self._went_down.wait(), self._ping_interval_s)
                 if self._up.is_set() and await self._ping():
                     continue
             if await self._ping():

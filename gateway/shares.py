@@ -21,9 +21,10 @@ to the lanes every ``interval_s`` as a ceiling on each busy app's pace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+from gateway.aio import wait_within
 
 FLOOR = 0.9
 SPREAD = 1.25  # shares apply when the longest drain is this much over the shortest
@@ -109,5 +110,4 @@ class Shares:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.step()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._interval)
+            await wait_within(stop.wait(), self._interval)

@@ -25,6 +25,7 @@ from typing import Protocol
 import aiohttp
 import orjson
 
+from gateway.aio import wait_within
 from gateway.errors import AuthError
 from gateway.settings import Secret
 
@@ -129,8 +130,7 @@ class TokenManager:
         while not stop.is_set():
             with contextlib.suppress(AuthError):
                 await self.authorization()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)
+            await wait_within(stop.wait(), interval_s)
 
     async def close(self) -> None:
         task, self._inflight = self._inflight, None
