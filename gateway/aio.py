@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 
@@ -21,3 +21,22 @@ async def wait_within(aw: Awaitable[Any], timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Future[Any] | None], every_s: float = 0.1
+) -> None:
+    """Cancel ``tasks`` (None ones are skipped) and wait until every one is done.
+
+    The cancel is asked again every ``every_s`` seconds: a library may swallow one
+    (redis-py, when it lands on a reply already read), and the task then goes on with
+    its loop; a single cancel would leave the caller waiting for ever. What the tasks
+    raised is retrieved, not reported as never retrieved.
+    """
+    every = {t for t in tasks if t is not None}
+    pending = every
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every_s)
+    await asyncio.gather(*every, return_exceptions=True)

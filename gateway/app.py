@@ -39,7 +39,7 @@ from gateway import logs
 from gateway.adaptive import AdaptiveRates
 from gateway.admin import Health, make_admin_app, start_site
 from gateway.admin_api import AdminApi, describe_lanes
-from gateway.aio import wait_within
+from gateway.aio import cancel_and_wait, wait_within
 from gateway.app_rates import AppRates
 from gateway.consumer import Intake
 from gateway.controls import Controls, LaneTarget, LocalStore, RedisStore, Store
@@ -83,8 +83,7 @@ def _changed(bucket: Bucket | SharedBucket) -> None:
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await cancel_and_wait([task])
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from gateway.aio import wait_within
+from gateway.aio import cancel_and_wait, wait_within
 from gateway.errors import AuthError, SinchError, TransportError
 from gateway.settings import Settings
 from gateway.sinch import AppInfo
@@ -236,10 +236,7 @@ class AppRates:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        pending = [task, *self._readers] if task is not None else list(self._readers)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await cancel_and_wait([task, *self._readers])
         self._readers.clear()
 
     async def __aenter__(self) -> AppRates:

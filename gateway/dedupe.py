@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
+from gateway.aio import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
@@ -115,6 +117,5 @@ class GroupSentIds:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
         await self.flush()

@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
-from gateway.aio import wait_within
+from gateway.aio import cancel_and_wait, wait_within
 from gateway.envelope import Request
 from gateway.limiter import Bucket, acquire, hold_window
 from gateway.offsets import PartitionTracker
@@ -339,10 +339,7 @@ class Lanes:
 
     async def stop_workers(self) -> None:
         """Stop taking new requests from the lanes (in-flight sends go on)."""
-        workers = [lane.worker for lane in self.lanes.values() if lane.worker is not None]
-        for w in workers:
-            w.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await cancel_and_wait([lane.worker for lane in self.lanes.values()])
         for lane in self.lanes.values():
             lane.worker = None
 
@@ -361,7 +358,4 @@ class Lanes:
 
     async def close(self) -> None:
         await self.stop_workers()
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from gateway.aio import wait_within
+from gateway.aio import cancel_and_wait, wait_within
 from gateway.envelope import Request, Status, result_record
 from gateway.offsets import Origin, PartitionTracker
 from gateway.producer import Handed, Headers, Output
@@ -578,8 +578,7 @@ class Outcomes:
         """Stop the writer (after :meth:`settle`)."""
         writer, self._writer = self._writer, None
         if writer is not None:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            await cancel_and_wait([writer])
 
     @property
     def writing(self) -> int:

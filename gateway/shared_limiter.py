@@ -57,7 +57,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.aio import wait_within
+from gateway.aio import cancel_and_wait, wait_within
 from gateway.limiter import LATE_S, AdaptiveFactor, restamp, window_delay
 
 log = logging.getLogger(__name__)
@@ -443,16 +443,9 @@ class SharedLimiter:
         if self._closed:
             return
         self._closed = True
-        tasks = {t for t in (self._watcher, *self._pushes) if t is not None}
-        tasks |= {b._draw_task for b in self._buckets if b._draw_task is not None}
-        pending = tasks
-        while pending:
-            for t in pending:
-                t.cancel()
-            # redis-py may swallow a cancel that lands on a reply already read (the call
-            # then fails and the loop goes on): ask again until every task is done
-            _, pending = await asyncio.wait(pending, timeout=0.1)
-        await asyncio.gather(*tasks, return_exceptions=True)  # done: retrieves their errors
+        await cancel_and_wait(
+            [self._watcher, *self._pushes, *(b._draw_task for b in self._buckets)]
+        )
         if self._redis is not None:
             await self._redis.aclose()
 

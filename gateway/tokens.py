@@ -25,7 +25,7 @@ from typing import Protocol
 import aiohttp
 import orjson
 
-from gateway.aio import wait_within
+from gateway.aio import cancel_and_wait, wait_within
 from gateway.errors import AuthError
 from gateway.settings import Secret
 
@@ -135,8 +135,7 @@ class TokenManager:
     async def close(self) -> None:
         task, self._inflight = self._inflight, None
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
 
     def _start_fetch(self) -> asyncio.Task[str]:
         task = asyncio.create_task(self._fetch(), name="token-fetch")
