@@ -508,6 +508,11 @@ class Gateway:
             ),
             on_read=lambda _app_id, result: m.sinch_app_reads.labels(result).inc(),
             before_read=project_slot,
+            backlog=lambda app_id: (
+                lane.depth
+                if lanes_ref and (lane := lanes_ref[0].lanes.get(app_id)) is not None
+                else 0
+            ),
         )
         self._rates = rates
         return rates

@@ -18,7 +18,9 @@ and every ``app_rate_refresh_s``, and:
   what the queue really drains (multiplicative decrease, :func:`next_factor`)
   until the backlog is back in Kafka; once the queue is empty again it climbs
   back to 1 (additive increase). An app whose queue is not empty, or that is
-  slowed down, is read every ``app_queue_refresh_s`` instead.
+  slowed down, is read every ``app_queue_refresh_s`` instead; so is one whose
+  first read (made before it sends, its queue empty) found records waiting in
+  its lane (``backlog``), to learn the trend.
 
 An app is read as soon as it becomes active (:meth:`AppRates.note_app`), at
 most ``max_concurrent_reads`` reads at a time. Reads use the shared token
@@ -166,6 +168,7 @@ class AppRates:
         on_queue: Callable[[str, int, int | None], None] | None = None,
         on_read: Callable[[str, str], None] | None = None,
         before_read: Callable[[], Awaitable[object]] | None = None,
+        backlog: Callable[[str], int] | None = None,
         project_id: str | None = None,
         policy: DrainPolicy | None = None,
         max_concurrent_reads: int = 4,
@@ -182,6 +185,7 @@ class AppRates:
         self._on_queue = on_queue
         self._on_read = on_read
         self._before_read = before_read
+        self._backlog = backlog
         self._project_id = project_id or settings.project_id
         self._policy = policy or DrainPolicy()
         self._max_reads = max_concurrent_reads
@@ -352,8 +356,11 @@ class AppRates:
                     app.size, size, now - app.read_at, sent_rate, app.factor, self._policy
                 )
                 self._set_factor(app_id, app, factor)
+        # the first read comes before the app's first send, so its queue is empty then:
+        # with records waiting to go, the next read follows soon and shows the trend
+        starting = app.read_at is None and self._backlog is not None and self._backlog(app_id) > 0
         app.size, app.read_at = size, now
-        busy = (size or 0) > 0 or app.factor < 1.0
+        busy = (size or 0) > 0 or app.factor < 1.0 or starting
         app.due = now + (s.app_queue_refresh_s if busy else s.app_rate_refresh_s)
 
     def _failed(self, app_id: str, app: _App, reason: str, hint: float | None) -> None:

@@ -199,6 +199,7 @@ class Env:
         *,
         tokens: TokenSource | None = None,
         policy: DrainPolicy | None = None,
+        backlog: Callable[[str], int] | None = None,
         **settings: Any,
     ) -> tuple[AppRates, Recorder]:
         s = settings_for(self.base, **settings)
@@ -214,6 +215,7 @@ class Env:
             on_queue=rec.on_queue,
             on_read=rec.on_read,
             policy=policy,
+            backlog=backlog,
         )
         self.made.append(rates)
         return rates, rec
@@ -368,6 +370,27 @@ async def test_a_newly_active_app_is_read_promptly(make_env):
     await wait_for(lambda: "listed" in rec.rates, 2, what="the listed app read")
     assert rec.reads == [("late", "ok"), ("listed", "ok")]
     assert await app_reads(env.sim) == 2
+
+
+async def test_an_app_with_records_waiting_is_read_again_soon_after_its_first_read(make_env):
+    """The first read comes before the first send, so Sinch's queue is empty: an app with
+    records waiting in its lane is read again within app_queue_refresh_s, to see the queue
+    grow; an app with none waits for app_rate_refresh_s."""
+    env = await make_env(app_rates={"busy": 20, "idle": 20})
+    waiting = {"busy": 500, "idle": 0}
+    rates, rec = env.rates(
+        ["busy", "idle"],
+        backlog=lambda app_id: waiting[app_id],
+        app_queue_refresh_s=0.2,
+        app_rate_refresh_s=300,
+    )
+    await rates.start()
+    started = asyncio.get_running_loop().time()
+    await wait_for(lambda: rec.reads.count(("busy", "ok")) == 2, 5, what="busy read again")
+    assert asyncio.get_running_loop().time() - started < 1.0  # not at the next 300-s period
+    # nothing was sent, so its queue stayed empty: from now on it is read every 300 s
+    assert rec.reads.count(("idle", "ok")) == 1
+    assert rates.queue_size("busy") == 0
 
 
 async def test_nothing_is_read_when_rates_from_sinch_is_off(make_env):
