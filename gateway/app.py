@@ -82,10 +82,6 @@ def _changed(bucket: Bucket | SharedBucket) -> None:
         bucket.on_change(bucket)
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
-    await cancel_and_wait([task])
-
-
 @dataclass(slots=True)
 class _Pipeline:
     """What the send path is made of, once built."""
@@ -324,7 +320,7 @@ class Gateway:
             )
             stack.push_async_callback(manager.close)
             keeper = asyncio.create_task(manager.keep_fresh(stop), name=f"token-{project_id}")
-            stack.push_async_callback(_cancel, keeper)
+            stack.push_async_callback(cancel_and_wait, [keeper])
             sources[project_id] = manager
         main = sources[s.project_id]
         if isinstance(main, TokenManager):
@@ -561,7 +557,7 @@ class Gateway:
         lanes.screen = controls.screen
         await controls.refresh()
         task = asyncio.create_task(controls.run(stop), name="controls")
-        stack.push_async_callback(_cancel, task)
+        stack.push_async_callback(cancel_and_wait, [task])
         self.metrics.sending_paused.labels("admin").set_function(lambda: len(lanes.holds))
         clock = asyncio.get_running_loop().time
 
