@@ -77,7 +77,8 @@ def start_gateway(env: dict[str, str], log_path: str | None = None) -> subproces
         # BENCH_PYSPY_DELAY: seconds to wait first (past start-up); BENCH_PYSPY_SECONDS: length
         delay = float(os.environ.get("BENCH_PYSPY_DELAY", "0"))
         length = os.environ.get("BENCH_PYSPY_SECONDS", "12")
-        record = f"py-spy record --format raw -o {os.environ['BENCH_PYSPY']} -d {length} -r 200"
+        native = " --native" if os.environ.get("BENCH_PYSPY_NATIVE") else ""
+        record = f"py-spy record{native} --format raw -o {os.environ['BENCH_PYSPY']} -d {length} -r 200"
         subprocess.Popen(
             ["sh", "-c", f"sleep {delay} && exec {record} -p {proc.pid}"],
             stdout=subprocess.DEVNULL,

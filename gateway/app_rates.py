@@ -19,8 +19,9 @@ and every ``app_rate_refresh_s``, and:
   until the backlog is back in Kafka; once the queue is empty again it climbs
   back to 1 (additive increase). An app whose queue is not empty, or that is
   slowed down, is read every ``app_queue_refresh_s`` instead; so is one whose
-  first read (made before it sends, its queue empty) found records waiting in
-  its lane (``backlog``), to learn the trend.
+  first read (made before it sends, its queue empty) found more records waiting
+  in its lane (``backlog``) than it sends in ``app_queue_refresh_s``, to learn
+  the trend.
 
 An app is read as soon as it becomes active (:meth:`AppRates.note_app`), at
 most ``max_concurrent_reads`` reads at a time. Reads use the shared token
@@ -357,8 +358,13 @@ class AppRates:
                 )
                 self._set_factor(app_id, app, factor)
         # the first read comes before the app's first send, so its queue is empty then:
-        # with records waiting to go, the next read follows soon and shows the trend
-        starting = app.read_at is None and self._backlog is not None and self._backlog(app_id) > 0
+        # with more records waiting than the app sends before that next read, the next
+        # read follows soon and shows the trend (a smaller backlog is gone by then)
+        starting = (
+            app.read_at is None
+            and self._backlog is not None
+            and self._backlog(app_id) > app.rate * s.app_queue_refresh_s
+        )
         app.size, app.read_at = size, now
         busy = (size or 0) > 0 or app.factor < 1.0 or starting
         app.due = now + (s.app_queue_refresh_s if busy else s.app_rate_refresh_s)

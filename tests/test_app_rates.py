@@ -374,12 +374,13 @@ async def test_a_newly_active_app_is_read_promptly(make_env):
 
 async def test_an_app_with_records_waiting_is_read_again_soon_after_its_first_read(make_env):
     """The first read comes before the first send, so Sinch's queue is empty: an app with
-    records waiting in its lane is read again within app_queue_refresh_s, to see the queue
-    grow; an app with none waits for app_rate_refresh_s."""
-    env = await make_env(app_rates={"busy": 20, "idle": 20})
-    waiting = {"busy": 500, "idle": 0}
+    more records waiting in its lane than it sends in app_queue_refresh_s is read again
+    within that time, to see the queue grow; an app with none, or with fewer (gone before
+    that read), waits for app_rate_refresh_s."""
+    env = await make_env(app_rates={"busy": 20, "idle": 20, "few": 20})
+    waiting = {"busy": 500, "idle": 0, "few": 4}  # 20/s x 0.2 s: 4 go before the next read
     rates, rec = env.rates(
-        ["busy", "idle"],
+        ["busy", "idle", "few"],
         backlog=lambda app_id: waiting[app_id],
         app_queue_refresh_s=0.2,
         app_rate_refresh_s=300,
@@ -390,6 +391,7 @@ async def test_an_app_with_records_waiting_is_read_again_soon_after_its_first_re
     assert asyncio.get_running_loop().time() - started < 1.0  # not at the next 300-s period
     # nothing was sent, so its queue stayed empty: from now on it is read every 300 s
     assert rec.reads.count(("idle", "ok")) == 1
+    assert rec.reads.count(("few", "ok")) == 1
     assert rates.queue_size("busy") == 0
 
 
