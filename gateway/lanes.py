@@ -285,6 +285,9 @@ class Lanes:
     async def _work(self, lane: Lane) -> None:
         clock = self._clock
         channels = self.channel_buckets
+        # the loop's own create_task and current_task(loop): asyncio's module functions
+        # look the running loop up, a getpid() system call each on Python 3.11
+        loop = asyncio.get_running_loop()
         while True:
             req = await lane.get(clock)
             if self._expired is not None and self._expired(req):
@@ -319,10 +322,16 @@ class Lanes:
                 continue
             self.in_flight += 1
             lane.in_flight += 1
-            task = asyncio.create_task(self._send(req, lane, buckets if local else ()))
+            task = loop.create_task(self._send(req, lane, buckets if local else (), loop))
             self._tasks[task] = origin.tracker if origin is not None else None
 
-    async def _send(self, req: Request, lane: Lane, guarded: Sequence[AnyBucket]) -> None:
+    async def _send(
+        self,
+        req: Request,
+        lane: Lane,
+        guarded: Sequence[AnyBucket],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         try:
             if guarded:  # the window guard at the moment of sending, not of the slot
                 await hold_window(guarded, self._clock)
@@ -335,7 +344,7 @@ class Lanes:
             self.in_flight -= 1
             lane.in_flight -= 1
             self._in_flight.release()
-            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self._tasks.pop(asyncio.current_task(loop), None)  # type: ignore[arg-type]
 
     async def stop_workers(self) -> None:
         """Stop taking new requests from the lanes (in-flight sends go on)."""

@@ -99,12 +99,15 @@ class Shares:
         self._groups = groups
         self._apply = apply
         self._interval = interval_s
+        self._applied = False  # the last step gave some app a share
 
     def step(self) -> dict[str, float]:
         shares: dict[str, float] = {}
         for cap, demands in self._groups():
             shares.update(allocate(cap, demands))
-        self._apply(shares)
+        if shares or self._applied:  # no shares after none: every lane is as it was
+            self._apply(shares)
+        self._applied = bool(shares)
         return shares
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.shares import Demand, allocate, weighted_fair
+from gateway.shares import Demand, Shares, allocate, weighted_fair
 
 
 def test_no_shares_while_the_cap_does_not_bind() -> None:
@@ -52,3 +52,22 @@ def test_idle_apps_take_nothing() -> None:
 def test_backlogs_that_drain_together_are_left_to_the_round_robin() -> None:
     assert allocate(800, [Demand(f"a{i}", 20, 40) for i in range(200)]) == {}
     assert allocate(800, [Demand(f"a{i}", 20, 40 + i % 5) for i in range(200)]) == {}
+
+
+def test_shares_are_applied_when_they_change_and_not_while_none_bind() -> None:
+    """Ceilings are set while the cap binds and cleared once when it stops binding; steps
+    with no shares after none leave the lanes alone (200 lanes, ten steps a second)."""
+    demands: list[Demand] = []
+    applied: list[dict[str, float]] = []
+    shares = Shares(groups=lambda: [(100.0, demands)], apply=applied.append)
+    shares.step()
+    assert applied == []
+    demands[:] = [Demand("hot", 100.0, 1000), Demand("a", 100.0, 10)]
+    shares.step()
+    shares.step()
+    assert len(applied) == 2
+    assert applied[0]["hot"] > applied[0]["a"]
+    demands.clear()
+    shares.step()
+    shares.step()
+    assert applied[2:] == [{}]
