@@ -78,14 +78,17 @@ class Mix:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def rate_of(self, app: str) -> float:
+        return self.app_rate
+
     @property
     def ideal(self) -> float:
-        app = max((n - 1) / self.app_rate for n in self.counts.values())
+        app = max((n - 1) / self.rate_of(a) for a, n in self.counts.items())
         return max((self.total - 1) / self.project_rate, app)
 
     def most_in(self, seconds: float) -> float:
         """The most messages of this backlog Sinch accepts in ``seconds``."""
-        apps = sum(min(n, self.app_rate * seconds + 1) for n in self.counts.values())
+        apps = sum(min(n, self.rate_of(a) * seconds + 1) for a, n in self.counts.items())
         return min(self.project_rate * seconds + 1, apps)
 
 

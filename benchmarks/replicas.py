@@ -115,11 +115,6 @@ class RatedMix(Mix):
     def rate_of(self, app: str) -> float:
         return self.app_rates.get(app, self.app_rate)
 
-    @property
-    def ideal(self) -> float:
-        app = max((n - 1) / self.rate_of(a) for a, n in self.counts.items())
-        return max((self.total - 1) / self.project_rate, app)
-
     def simulator_args(self) -> list[str]:
         args = ["--strict", "--app-rate", f"{self.app_rate:g}"]
         args += ["--project-rate", f"{self.project_rate:g}"]

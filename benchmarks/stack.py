@@ -78,8 +78,8 @@ def start_gateway(env: dict[str, str], log_path: str | None = None) -> subproces
         delay = float(os.environ.get("BENCH_PYSPY_DELAY", "0"))
         length = os.environ.get("BENCH_PYSPY_SECONDS", "12")
         native = " --native" if os.environ.get("BENCH_PYSPY_NATIVE") else ""
-        out = os.environ["BENCH_PYSPY"]
-        record = f"py-spy record{native} --format raw -o {out} -d {length} -r 200"
+        spy_out = os.environ["BENCH_PYSPY"]
+        record = f"py-spy record{native} --format raw -o {spy_out} -d {length} -r 200"
         subprocess.Popen(
             ["sh", "-c", f"sleep {delay} && exec {record} -p {proc.pid}"],
             stdout=subprocess.DEVNULL,
