@@ -198,6 +198,7 @@ async def run_gateway(
     lane_horizon_s: float = 0,
     spill_partitions: int = 24,
     event_loop: str = "asyncio",
+    idle_s: float = 0.0,
 ) -> dict[str, Any]:
     tag, sim_port, sim = await backlog_and_simulator(bootstrap, mix, seed, spill_partitions)
     http_port = free_port()
@@ -218,6 +219,16 @@ async def run_gateway(
     try:
         wait_port(http_port)
         out = await drain(gw, sim_port, mix.total, timeout=mix.ideal * 3 + 60)
+        if idle_s > 0:  # the fixed costs: the backlog is drained, the lanes are there
+            await asyncio.sleep(2.0)
+            cpu0, wall0 = cpu_seconds(gw.pid), time.monotonic()
+            await asyncio.sleep(idle_s)
+            idle = (cpu_seconds(gw.pid) - cpu0) / (time.monotonic() - wall0)
+            rate = mix.total / max(1e-9, mix.ideal)
+            print(
+                f"  idle after the drain ({event_loop}): {idle * 1e3:.1f} ms of CPU a second, "
+                f"{idle / rate * 1e6:.1f} us per message at the mix's {rate:.0f}/s"
+            )
         if timeline:
             async with aiohttp.ClientSession() as http:
                 print_timeline(mix, await sim_accepted(http, sim_port))
@@ -526,6 +537,12 @@ async def main() -> None:
     )
     p.add_argument("--scale", type=float, default=1.0, help="backlog of mix (a) times this")
     p.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=0,
+        help="after each drain, the gateway's CPU while idle for this long (its fixed costs)",
+    )
+    p.add_argument(
         "--loop",
         choices=["asyncio", "uvloop", "both"],
         default="asyncio",
@@ -569,6 +586,7 @@ async def main() -> None:
                         lane_horizon_s=ns.lane_horizon,
                         spill_partitions=ns.spill_partitions,
                         event_loop=event_loop,
+                        idle_s=ns.idle_seconds,
                     )
                     reached = min(mix.project_rate, gw["sent"] / gw["actual_s"])
                     after = await run_floor(
