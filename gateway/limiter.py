@@ -80,6 +80,16 @@ class AdaptiveFactor:
     factor: float
     min_factor: float
     on_change: Callable[[Any], None] | None
+    _sent: deque[float]  # the window guard's last sends, as many as the rate
+
+    def sent_since(self, since: float) -> int:
+        """Sends recorded at or after ``since`` (at most the window guard's length)."""
+        n = 0
+        for at in reversed(self._sent):
+            if at < since:
+                break
+            n += 1
+        return n
 
     def _recompute(self) -> None:
         raise NotImplementedError
