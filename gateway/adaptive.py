@@ -14,9 +14,10 @@ jitter at Sinch can cause one): a scope is cut from its ``confirm``-th 429 withi
 The cut is the share of the scope's sends of the last ``window_s`` that Sinch
 refused, and at most ``1 - decrease`` (as DCTCP cuts its window by the share of
 marked packets): two 429s among 780 sends, arrival jitter at a strict window,
-cost a quarter of a percent for a few seconds, not 30 %; a cap that dropped to
-half refuses half of what is sent and is met by ``decrease`` at every
-``cooldown_s`` until the 429s stop.
+cost a quarter of a percent for a few seconds, not 30 %. The cut at the
+``confirm``-th 429 counts only the 429s come so far, so a cap that dropped to
+half (half of what is sent refused) is met from a ``cooldown_s`` later on, by
+``decrease`` at every ``cooldown_s`` until the 429s stop.
 """
 
 from __future__ import annotations
