@@ -72,21 +72,21 @@ def test_recovery_is_gradual_and_only_after_a_quiet_spell():
 
 def test_a_cut_is_the_share_of_the_scopes_recent_sends_that_sinch_refused():
     """Two 429s among 780 sends of the last second (arrival jitter at a strict window) cut
-    the project by a quarter of a percent; 2 of an app's 20 by a tenth; a scope that
-    sent nothing else is cut by ``decrease``."""
+    the project by twice their share, half a percent; 2 of an app's 20 by a fifth; a scope
+    that sent nothing else is cut by ``decrease``."""
     clock, project, lanes, rates = setup()
     for i in range(780):
         project.record(clock.now - 0.9 + i * 0.9 / 780)
     for app in ("a", "b", "c", "a"):  # the project's from the third app on
         rates.on_answer(lanes[app], 429)
-    assert project.factor == 1.0 - 2 / 780
+    assert project.factor == 1.0 - 2 * 2 / 780
     app = lanes["b"].bucket
     clock.now += 3.0
     for i in range(20):
         app.record(clock.now - 0.95 + i * 0.045)
     rates.on_answer(lanes["b"], 429)
     rates.on_answer(lanes["b"], 429)
-    assert app.factor == 0.9
+    assert app.factor == 0.8
     rates.on_answer(lanes["c"], 429)
     rates.on_answer(lanes["c"], 429)
     assert lanes["c"].bucket.factor == 0.7
