@@ -59,7 +59,6 @@ class AdaptiveRates:
         self._cooldown = cooldown_s
         self._quiet = quiet_s
         self._confirm = confirm
-        self._strikes: dict[Bucket, deque[float]] = {}
         self._refused: dict[Bucket, deque[float]] = {}  # each scope's 429s of the last window
         self._recent: deque[tuple[float, str]] = deque()
         self._last_429: dict[Bucket, float] = {}
@@ -83,9 +82,7 @@ class AdaptiveRates:
         refused.append(now)
         while refused[0] < now - self._window:
             refused.popleft()
-        strikes = self._strikes.setdefault(bucket, deque(maxlen=self._confirm))
-        strikes.append(now)
-        if len(strikes) < self._confirm or now - strikes[0] > self._window:
+        if len(refused) < self._confirm:  # a lone 429 is not a pattern
             return
         if now - self._last_cut.get(bucket, float("-inf")) >= self._cooldown:
             self._last_cut[bucket] = now
@@ -103,7 +100,6 @@ class AdaptiveRates:
             if not bucket.recover(self._step):
                 del self._last_429[bucket]
                 self._last_cut.pop(bucket, None)
-                self._strikes.pop(bucket, None)
                 self._refused.pop(bucket, None)
 
     async def run(self, stop: asyncio.Event, interval_s: float = 0.5) -> None:
