@@ -700,6 +700,7 @@ class Gateway:
             expired=expired,
             on_expired=delivery.expire,
             gate=delivery.gate,
+            ready=delivery.ready,
             hand_back=hand_back,
         )
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from gateway.envelope import Request, correlation_for
+from gateway.envelope import MAX_CORRELATION_ID, Request
 from gateway.errors import AuthError, GatewayError, SinchError, TransportError
 from gateway.retry import Action, Decision, backoff_s, classify
 from gateway.settings import Settings
@@ -104,6 +104,14 @@ class Delivery:
             except AuthError:
                 await asyncio.sleep(min(1.0, self._s.backoff_base_s))
 
+    def ready(self, req: Request) -> bool:
+        """True when :meth:`gate` would return at once: project not held, token valid."""
+        project = req.project_id or self._s.project_id
+        hold = self._holds.get(project)
+        if hold is not None and hold[0] > self._clock():
+            return False
+        return self.tokens_for(project).is_valid()
+
     def held(self) -> str | None:
         """Why sending is held now (the first held project's reason), or None."""
         now = self._clock()
@@ -167,7 +175,7 @@ class Delivery:
         if (
             self._on_sent is not None
             and accepted.message_id is not None
-            and correlation_for(rid, req.payload.get("correlation_id")) != rid
+            and (req.payload.get("correlation_id") or len(rid) > MAX_CORRELATION_ID)
         ):
             # delivery reports carry the correlation_id; only when it is not the
             # request_id itself does the message_id -> request_id map find the request

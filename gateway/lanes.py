@@ -31,11 +31,11 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from gateway.aio import cancel_and_wait, wait_within
 from gateway.envelope import Request
-from gateway.limiter import Bucket, acquire, hold_window
+from gateway.limiter import Bucket, acquire, hold_window, record_if_clear
 from gateway.offsets import PartitionTracker
 from gateway.shared_limiter import SharedBucket
 
@@ -198,6 +198,7 @@ class Lanes:
         expired: Callable[[Request], bool] | None = None,
         on_expired: Callable[[Request], None] | None = None,
         gate: Callable[[Request], Awaitable[None]] | None = None,
+        ready: Callable[[Request], bool] | None = None,
         project_buckets: Mapping[str, AnyBucket] | None = None,
         hand_back: Callable[[Request], None] | None = None,
     ) -> None:
@@ -214,6 +215,7 @@ class Lanes:
         self._expired = expired
         self._on_expired = on_expired
         self._gate = gate
+        self._ready = ready  # True: the gate would let the request through at once
         self._hand_back = hand_back
         self.lanes: dict[str, Lane] = {}
         self.holds: dict[str, str] = {}  # app_id -> an operator's hold, lane or not yet
@@ -221,6 +223,11 @@ class Lanes:
         self.screen: Callable[[Request], str | None] | None = None
         self.on_cancel: Callable[[Request, str], None] | None = None
         self._tasks: dict[asyncio.Task[None], PartitionTracker | None] = {}  # send -> read from
+        # every bucket but the apps' is local: a lane with a local bucket needs no shared slot
+        self._local = all(
+            isinstance(b, Bucket)
+            for b in (project_bucket, *self.project_buckets.values(), *channel_buckets.values())
+        )
         self._closed = False
         self.in_flight = 0
 
@@ -296,13 +303,13 @@ class Lanes:
                 continue
             lane.current, lane.current_cancelled = req, None
             await self._in_flight.acquire()
-            if self._gate is not None:
+            if self._gate is not None and (self._ready is None or not self._ready(req)):
                 # e.g. a valid token is at hand: nothing may stand between slot and wire
                 await self._gate(req)
             project = self.project_for(req)
             chan = channels.get(req.channel) if req.channel and channels else None
             buckets = (lane.bucket, chan, project) if chan else (lane.bucket, project)
-            local = all(isinstance(b, Bucket) for b in buckets)
+            local = self._local and isinstance(lane.bucket, Bucket)
             waited = await acquire(buckets, clock, guard=not local, ahead=lane.ahead)
             if self._on_wait is not None:
                 self._on_wait(waited)
@@ -322,18 +329,20 @@ class Lanes:
                 continue
             self.in_flight += 1
             lane.in_flight += 1
-            task = loop.create_task(self._send(req, lane, buckets if local else (), loop))
+            guarded = cast("tuple[Bucket, ...]", buckets) if local else ()
+            task = loop.create_task(self._send(req, lane, guarded, loop))
             self._tasks[task] = origin.tracker if origin is not None else None
 
     async def _send(
         self,
         req: Request,
         lane: Lane,
-        guarded: Sequence[AnyBucket],
+        guarded: Sequence[Bucket],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         try:
-            if guarded:  # the window guard at the moment of sending, not of the slot
+            # the window guard at the moment of sending, not of the slot
+            if guarded and not record_if_clear(guarded, self._clock()):
                 await hold_window(guarded, self._clock)
             await self._sender(req, lane)
         except Exception:

@@ -452,18 +452,37 @@ class Outcomes:
                 answer.add_done_callback(functools.partial(self._batch_done, members))
 
     def _batch_done(self, members: list[tuple[Ending, Output]], fut: asyncio.Future[Any]) -> None:
-        ok = not fut.cancelled() and fut.exception() is None
-        for ending, out in members:
-            self._acked(ending, out, ok)
+        if fut.cancelled() or fut.exception() is not None:
+            for ending, out in members:
+                self._acked(ending, out, False)
+            return
+        # written: count each ending's outputs at once (a spilled run has one per record)
+        last: Ending | None = None
+        n = 0
+        for ending, _ in members:
+            if ending is last:
+                n += 1
+                continue
+            if last is not None:
+                self._answered(last, n)
+            last, n = ending, 1
+        if last is not None:
+            self._answered(last, n)
 
     def _acked(self, ending: Ending, out: Output, ok: bool) -> None:
-        """One output answered; when all of the ending's have, it is done or retried."""
+        """One output answered: what Kafka did not take is written again."""
         if ending.abandoned:
             return
         if not ok:
             self._m.outcome_write_failures.labels(out.topic).inc()
-            ending.outputs.append(out)  # only what Kafka did not take is written again
-        ending.waiting -= 1
+            ending.outputs.append(out)
+        self._answered(ending, 1)
+
+    def _answered(self, ending: Ending, n: int) -> None:
+        """``n`` more of the ending's outputs answered; when all have, it is done or retried."""
+        if ending.abandoned:
+            return
+        ending.waiting -= n
         if ending.waiting > 0:
             return
         if not ending.outputs:
