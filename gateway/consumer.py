@@ -426,7 +426,11 @@ class Intake:
             # keyed by an app that is spilling, and surely not high priority: it follows
             # the app's other records to the spill topic as read, without decoding (it is
             # decoded and checked when taken back, as every spilled record is)
-            partition = self._spill_partition(app_id)
+            run = self._run_key
+            if run is not None and run[0] is tracker and run[1] == app_id:
+                partition: int | None = run[2]  # the run being gathered keeps its partition
+            else:
+                partition = self._spill_partition(app_id)
             if partition is not None:
                 if self._enter(tracker, origin):
                     self._gather_spill(origin, app_id, partition)

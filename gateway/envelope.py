@@ -11,6 +11,7 @@ limits (``ttl`` at least 3 s, ``correlation_id`` at most 128 characters).
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -275,7 +276,12 @@ def surely_not_high(value: bytes, app_id: bytes) -> bool:
     ``"priority": "high"``, and the app's id in quotes is where its ``payload.app_id``
     would be. A false answer only means the record is decoded as usual.
     """
-    return b'"high"' not in value and b"\\u" not in value and b'"' + app_id + b'"' in value
+    return b'"high"' not in value and b"\\u" not in value and _quoted(app_id) in value
+
+
+@functools.lru_cache(maxsize=1024)
+def _quoted(app_id: bytes) -> bytes:
+    return b'"' + app_id + b'"'
 
 
 def peek_ids(value: bytes | None, *, max_bytes: int) -> tuple[str | None, str | None]:

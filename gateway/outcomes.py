@@ -329,24 +329,20 @@ class Outcomes:
         """
         key = app_id.encode()
         outputs: list[Output] = []
+        tracker = origins[0].tracker  # a run is read from one partition
+        here = f"{tracker.topic}/{tracker.partition}/"
         for origin in origins:
             headers: Headers = (
                 [h for h in origin.headers if not h[0].startswith(SPILL_HEADER)]
                 if origin.headers
                 else []
             )
-            headers.append((SPILLED_FROM, origin.where().encode()))
+            source = origin.source or f"{here}{origin.offset}"  # origin.where()
+            headers.append((SPILLED_FROM, source.encode()))
             if origin.key is not None:
                 headers.append((ORIGINAL_KEY, origin.key))
             outputs.append(
-                Output(
-                    topic,
-                    origin.value,
-                    key,
-                    headers,
-                    partition=partition,
-                    timestamp_ms=origin.timestamp_ms or None,
-                )
+                Output(topic, origin.value, key, headers, partition, origin.timestamp_ms or None)
             )
         ending = self._start(None, origins[0], None, outputs)
         ending.app_label = self._m.app_label(app_id)
@@ -433,33 +429,38 @@ class Outcomes:
                     await asyncio.sleep(0)
 
     async def _send(self, chunk: list[Ending]) -> None:
-        entries: list[tuple[Ending, Output]] = []
+        outs: list[Output] = []
+        owners: list[Ending] = []  # the ending of each of outs
         for ending in chunk:
             outputs, ending.outputs = ending.outputs, []
             ending.waiting = len(outputs)
-            entries.extend((ending, out) for out in outputs)
+            outs.extend(outputs)
+            owners.extend([ending] * len(outputs))
         try:
-            handed = await self._pub.send_many([out for _, out in entries])
+            handed = await self._pub.send_many(outs)
         except Exception:  # the producer refuses everything (closed, ...): retried
-            log.exception("the producer refused %d record(s)", len(entries))
-            handed = [(RuntimeError("refused"), list(range(len(entries))))]
+            log.exception("the producer refused %d record(s)", len(outs))
+            handed = [(RuntimeError("refused"), list(range(len(outs))))]
         for answer, indices in handed:
-            members = [entries[i] for i in indices]
             if isinstance(answer, Exception):  # refused at once (too large, unknown topic)
-                for ending, out in members:
-                    self._acked(ending, out, False)
+                for i in indices:
+                    self._acked(owners[i], outs[i], False)
             else:
-                answer.add_done_callback(functools.partial(self._batch_done, members))
+                done = functools.partial(self._batch_done, owners, outs, indices)
+                answer.add_done_callback(done)
 
-    def _batch_done(self, members: list[tuple[Ending, Output]], fut: asyncio.Future[Any]) -> None:
+    def _batch_done(
+        self, owners: list[Ending], outs: list[Output], indices: list[int], fut: asyncio.Future[Any]
+    ) -> None:
         if fut.cancelled() or fut.exception() is not None:
-            for ending, out in members:
-                self._acked(ending, out, False)
+            for i in indices:
+                self._acked(owners[i], outs[i], False)
             return
         # written: count each ending's outputs at once (a spilled run has one per record)
         last: Ending | None = None
         n = 0
-        for ending, _ in members:
+        for i in indices:
+            ending = owners[i]
             if ending is last:
                 n += 1
                 continue
