@@ -41,6 +41,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from benchmarks.isolation import (
     CAMPAIGN_PARTITION,
     CASES,
+    HIGH_TOPIC_CASE,
     accepted_at,
     at_of,
     describe,
@@ -465,7 +466,15 @@ async def memory_run(
 
             async def probe() -> dict[str, list[tuple[str, float]]]:
                 await asyncio.sleep(5)
-                return await publish_probes(bootstrap, topic, 20, 2.0, cases="bc")
+                return await publish_probes(
+                    bootstrap,
+                    topic,
+                    20,
+                    2.0,
+                    cases="hbc" if apps == 1 else "bc",
+                    campaign_app="bulk",
+                    high_topic=f"high-{tag}",
+                )
 
             probing = asyncio.create_task(probe())
             while time.monotonic() - start < seconds:
@@ -508,7 +517,7 @@ async def memory_run(
         f"{samples[-1][0]:.0f} s ({rate:,.0f}/s); {spilled:,.0f} spilled; peak RSS {hwm:.0f} MB"
     )
     for case, values in latencies(probes, at).items():
-        print(f"  ({case}) {CASES[case]}: {describe(values, seconds)}")
+        print(f"  ({case}) {({**CASES, **HIGH_TOPIC_CASE})[case]}: {describe(values, seconds)}")
 
 
 async def main() -> None:

@@ -51,6 +51,9 @@ CASES = {
     "b": "new app, campaign's partition",
     "c": "new app, another partition",
 }
+# the memory run's probes add the backlog's app on the high-priority topic, as
+# gateway.client.publish sends a high-priority request
+HIGH_TOPIC_CASE = {"h": "high priority, backlog's app, high-priority topic"}
 CAMPAIGN_APP = "campaign"
 CAMPAIGN_PARTITION = 0
 OTHER_PARTITION = 1
@@ -88,23 +91,34 @@ async def publish_campaign(bootstrap: str, topic: str, app: str, count: int) -> 
 
 
 async def publish_probes(
-    bootstrap: str, topic: str, count: int, gap_s: float, cases: str = "abc"
+    bootstrap: str,
+    topic: str,
+    count: int,
+    gap_s: float,
+    cases: str = "abc",
+    *,
+    campaign_app: str = CAMPAIGN_APP,
+    high_topic: str | None = None,
 ) -> Probes:
-    """``count`` requests per case, one of each every ``gap_s`` seconds."""
+    """``count`` requests per case, one of each every ``gap_s`` seconds.
+
+    Case ``h`` (:data:`HIGH_TOPIC_CASE`) goes to ``high_topic``, partition 0.
+    """
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
     await producer.start()
     probes: Probes = {case: [] for case in cases}
     plan = {
-        "a": (CAMPAIGN_APP, "high", CAMPAIGN_PARTITION),
-        "b": ("otp-same", "normal", CAMPAIGN_PARTITION),
-        "c": ("otp-other", "normal", OTHER_PARTITION),
+        "a": (campaign_app, "high", CAMPAIGN_PARTITION, topic),
+        "b": ("otp-same", "normal", CAMPAIGN_PARTITION, topic),
+        "c": ("otp-other", "normal", OTHER_PARTITION, topic),
+        "h": (campaign_app, "high", 0, high_topic or topic),
     }
     try:
         for i in range(count):
             for case in cases:
-                app, priority, partition = plan[case]
+                app, priority, partition, to = plan[case]
                 doc = sample_request(app, 500_000 + i, priority=priority)
-                (at,) = await publish(producer, topic, [doc], partition)
+                (at,) = await publish(producer, to, [doc], partition)
                 probes[case].append((doc["request_id"], at))
             await asyncio.sleep(gap_s)  # paces the publisher, as one-time passwords come
     finally:

@@ -62,6 +62,12 @@ YIELD_EVERY = 32  # records decoded between two turns of the event loop
 # per-partition limit: with aiokafka's 50 MB, 24 spill partitions being taken back held
 # a few MB each and RSS climbed past 200 MB. 1 MB answers hold one partition or two.
 FETCH_MAX_BYTES = 1024 * 1024
+# A spill partition read to its end, with none of this replica's records on their way to
+# it, is left out of the fetches but for a look of SPILL_LOOK_S every SPILL_QUIET_S: only
+# a previous owner's late writes can still arrive (each fetch answer is decoded partition
+# by partition, and an idle gateway's 24 spill partitions were two thirds of its CPU).
+SPILL_QUIET_S = 5.0
+SPILL_LOOK_S = 1.0
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -122,6 +128,7 @@ class Intake:
         self.buffered_bytes = 0
         self.paused = False  # the requests partitions, for the budget
         self._spill_paused: set[TopicPartition] = set()
+        self._spill_quiet: dict[TopicPartition, float] = {}  # read out since (a clock time)
         self.assigned = False
         self.joined = False
         self.connected = False
@@ -367,14 +374,40 @@ class Intake:
         if consumer is None:
             return
         hungry = self.spill.hungry()  # once, not once per spill partition
+        occupied = self.spill.occupied()
+        now = self._clock()
         for tp in self._of(self._s.spill_topic):
-            wanted = self.spill.wanted(tp.partition, hungry)
+            wanted = self.spill.wanted(tp.partition, hungry) and not self._read_out(
+                consumer, tp, occupied, now
+            )
             if wanted and tp in self._spill_paused:
                 consumer.resume(tp)
                 self._spill_paused.discard(tp)
             elif not wanted and tp not in self._spill_paused:
                 consumer.pause(tp)
                 self._spill_paused.add(tp)
+
+    def _read_out(self, consumer: Any, tp: TopicPartition, occupied: set[int], now: float) -> bool:
+        """A spill partition with nothing known to wait in it, between two looks.
+
+        Read out: no app is known to be next in it, none of this replica's spilled
+        records go there, and it is read up to the high watermark of the last fetch.
+        """
+        quiet = self._spill_quiet
+        tracker = self.trackers.get(tp)
+        if tp.partition in occupied or tracker is None or self.spill.head.get(tp.partition):
+            quiet.pop(tp, None)
+            return False
+        try:
+            high = consumer.highwater(tp)
+        except (KafkaError, AssertionError, KeyError):
+            high = None
+        at = tracker.next_read if tracker.next_read is not None else tracker.committed
+        if high is None or (high > 0 and (at is None or at < high)):
+            quiet.pop(tp, None)
+            return False
+        since = quiet.setdefault(tp, now)
+        return (now - since) % SPILL_QUIET_S >= SPILL_LOOK_S
 
     # -- taking records ---------------------------------------------------
 
@@ -714,6 +747,7 @@ class Intake:
             self.trackers.pop(tp, None)
             self._suspect.pop(tp, None)
             self._spill_paused.discard(tp)
+            self._spill_quiet.pop(tp, None)
             self._forget_gauges(tp)
         self._trackers_changed()
         self.spill.revoked(tp.partition for tp in parts if tp.topic == self._s.spill_topic)
@@ -779,6 +813,7 @@ class Intake:
         if any(tp.topic == self._s.requests_topic for tp in assigned):
             self.assigned_at = now  # the next send tells how long a new owner takes
         self._spill_paused.clear()  # aiokafka resumes every partition it assigns
+        self._spill_quiet.clear()
         if self.paused:
             self._pause(True)  # the budget still holds
         self._share()

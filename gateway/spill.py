@@ -108,6 +108,10 @@ class SpillState:
         wants_more = self._wants_more
         return {p for app, p in self.partition_of.items() if self.spilling(app) and wants_more(app)}
 
+    def occupied(self) -> set[int]:
+        """The partitions where this replica's spilled records wait (written or on their way)."""
+        return {p for app, p in self.partition_of.items() if self.spilling(app)}
+
     def others_want(self, partition: int, app_id: str) -> bool:
         """Another app with spilled records waiting in ``partition`` wants more."""
         wants_more = self._wants_more

@@ -254,3 +254,56 @@ async def test_a_sigkill_while_spilling_loses_nothing(broker, simulator_factory,
         f"{spilled} records went through the spill topic"
     )
     assert spilled >= KILL_DOCS // 2  # the kill came while the backlog was in the spill topic
+
+
+LOOK_RATE = 100.0
+
+
+@pytest.mark.timeout(120)
+async def test_read_out_spill_partitions_leave_the_fetches_and_still_get_looked_at(
+    broker, simulator_factory, topics
+):
+    """An idle replica fetches no spill partition that is read to its end; one it spills
+    into is read again; a record that a previous owner wrote late is still taken."""
+    sim = await simulator_factory(app_rate=LOOK_RATE)
+    settings = settings_for(
+        broker.bootstrap,
+        sim.port,
+        topics,
+        app_rate=LOOK_RATE,
+        max_buffered_records=BUDGET,
+        topic_partitions=2,
+        spill_partitions=4,
+        lane_horizon_s=1.0,
+    )
+    async with running(settings) as gw:
+        intake = gw.intake
+        assert intake is not None
+        assert intake.consumer is not None
+        consumer = intake.consumer
+        spill = {TopicPartition(settings.spill_topic, p) for p in range(4)}
+
+        async def spill_left_out() -> bool:
+            return spill <= set(intake.trackers) and spill <= consumer.paused()
+
+        await wait_for(spill_left_out, 20, what="the read-out spill partitions to be paused")
+
+        # a previous owner's write that lands after this replica read the partition out
+        late = sample_request("late", 1)
+        await publish_to(broker.bootstrap, settings.spill_topic, 2, [late])
+
+        async def late_sent() -> bool:
+            return late["request_id"] in accepted_at(await sim.accepted())
+
+        await wait_for(late_sent, 15, what="the late spilled record to be sent")
+
+        campaign = [sample_request("camp", i) for i in range(600)]
+        await publish_to(broker.bootstrap, settings.requests_topic, 0, campaign)
+        ids = {d["request_id"] for d in campaign}
+
+        async def campaign_sent() -> bool:
+            return ids <= set(accepted_at(await sim.accepted()))
+
+        await wait_for(campaign_sent, 40, what="the campaign, spilled and taken back")
+        assert intake.spill.spilled > 0  # it went through the spill topic
+        await wait_for(spill_left_out, 20, what="the spill partitions to be paused again")
