@@ -124,6 +124,7 @@ async def make_pipe(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awaitabl
             clock=loop.time,
             on_expired=delivery.expire,
             gate=delivery.gate,
+            ready=delivery.ready,  # as the gateway wires them
         )
         made.append((lanes, http))
         return Pipe(settings, server, publisher, outcomes, delivery, lanes, tracker, finished)
@@ -183,6 +184,12 @@ async def test_a_refused_project_holds_all_sending_then_resumes(
     assert pipe.publisher.on(DLQ) == []  # nothing dead-lettered for it
     assert pipe.finished == []
     sim = pipe.sim.app[SIMULATOR_KEY]
+    # while held, a lane sends only when a hold (backoff_max_s, 0.3 s) ends: one try per
+    # lane per hold, not one per slot of its buckets (200/s each)
+    loop = asyncio.get_running_loop()
+    received, start = sim.snapshot()["received_total"], loop.time()
+    await wait_for(lambda: loop.time() - start >= 1.0, 3, interval=0.05, what="a second")
+    assert sim.snapshot()["received_total"] - received <= 30
     sim.settings = patch(sim.settings, {"project_forbidden": False})
     await wait_for(lambda: len(pipe.finished) == 6, 10, what="sending to resume")
     results = pipe.results()
