@@ -12,7 +12,9 @@ partitions this replica owns (so that the replica that spills is the one that
 takes them back) and, where it can, one that no other spilling app uses. A
 spill partition is read only while it is *wanted*: while the app whose record
 is next in it has room in its lane, or while that app is not known yet (after
-an assignment or a restart, or once the partition is read to its end). When
+an assignment or a restart). One read to its end, with none of the replica's
+spilled records on their way to it, gets a short look now and then (intake's
+``SPILL_QUIET_S``), for a previous owner's late write. When
 the next record belongs to an app whose lane is full, reading stops there
 (the consumer seeks back to it) until that lane has drained to half its
 read-ahead, and then fills it again in one fetch: none is written twice, and a
