@@ -94,7 +94,7 @@ class Delivery:
         """Wait until sending may go on: its project not held and a token at hand."""
         project = self.project_of(req) if req is not None else self._s.project_id
         while True:
-            hold = self._holds.get(project, (0.0, ""))[0] - self._clock()
+            hold = self._hold_left(project)
             if hold > 0:
                 await asyncio.sleep(hold)
                 continue
@@ -106,11 +106,12 @@ class Delivery:
 
     def ready(self, req: Request) -> bool:
         """True when :meth:`gate` would return at once: project not held, token valid."""
-        project = req.project_id or self._s.project_id
-        hold = self._holds.get(project)
-        if hold is not None and hold[0] > self._clock():
-            return False
-        return self.tokens_for(project).is_valid()
+        project = self.project_of(req)
+        return self._hold_left(project) <= 0 and self.tokens_for(project).is_valid()
+
+    def _hold_left(self, project: str) -> float:
+        """Seconds until all sending of ``project`` may go on again (<= 0: not held)."""
+        return self._holds.get(project, (0.0, ""))[0] - self._clock()
 
     def held(self) -> str | None:
         """Why sending is held now (the first held project's reason), or None."""
@@ -244,7 +245,7 @@ class Delivery:
             req.renewed = False
             reason = "project_refused" if action is Action.PAUSE_PROJECT else decision.reason
             project = self.project_of(req)
-            if self._holds.get(project, (0.0, ""))[0] <= now:
+            if self._hold_left(project) <= 0:
                 self._holds[project] = (now + self._s.backoff_max_s, reason)
                 if self._on_hold is not None:
                     scope = "project" if action is Action.PAUSE_PROJECT else "auth"

@@ -294,8 +294,7 @@ def record_if_clear(buckets: Sequence[Bucket], now: float) -> bool:
     :func:`hold_window` without the wait, for local buckets: most sends find room.
     """
     for b in buckets:
-        sent = b._sent
-        if len(sent) == sent.maxlen and sent[0] + 1.0 + b.margin - now > ROUNDING_S:
+        if window_delay(b._sent, b.margin, now) > ROUNDING_S:
             return False
     for b in buckets:
         b._sent.append(now)
