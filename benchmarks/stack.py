@@ -79,7 +79,8 @@ def start_gateway(env: dict[str, str], log_path: str | None = None) -> subproces
         length = os.environ.get("BENCH_PYSPY_SECONDS", "12")
         native = " --native" if os.environ.get("BENCH_PYSPY_NATIVE") else ""
         spy_out = os.environ["BENCH_PYSPY"]
-        record = f"py-spy record{native} --format raw -o {spy_out} -d {length} -r 200"
+        rate = os.environ.get("BENCH_PYSPY_RATE", "200")  # samples a second
+        record = f"py-spy record{native} --format raw -o {spy_out} -d {length} -r {rate}"
         subprocess.Popen(
             ["sh", "-c", f"sleep {delay} && exec {record} -p {proc.pid}"],
             stdout=subprocess.DEVNULL,

@@ -13,9 +13,13 @@ not cost throughput in another.
 
 Two things keep every window under the cap: the pace is ``rate * (1 - margin)``,
 which leaves ``margin`` seconds of every second for arrival jitter, and a window
-guard holds a send until the ``rate``-th send before it is ``1 + margin``
+guard holds a send until the ``rate``-th send before it is ``1 + margin / 2``
 seconds old, measured at the moment of sending. The guard is what catches up
-bursts, stalls of the event loop and waits in other buckets.
+bursts, stalls of the event loop and waits in other buckets; the half of the
+margin it keeps is the arrival jitter any ``rate`` sends in a row may have. Paced
+sends leave its window with ``margin / 2`` to spare, more than the wake-up grid
+(``TICK_S``) moves them, so in a steady drain it holds none: a hold is one more
+timer and wake-up of the event loop for the send.
 
 A request takes a slot from its app bucket first (waiting its turn there), then
 from the channel bucket where one is configured, and last from the project
@@ -46,7 +50,7 @@ TICK_S = 0.004  # wake-up granularity of the pacing
 # resolution, and a clock read once per loop iteration) fired up to 1.4 ms early in a
 # third of the sleeps measured; a send that wakes before its window frees sleeps twice.
 LATE_S = 0.0015
-# A window guard's delay below this is the rounding of a send exactly ``1 + margin`` after the
+# A window guard's delay below this is the rounding of a send exactly one window after the
 # one it waits for (uvloop's clock counts whole milliseconds, so that is common): not held.
 ROUNDING_S = 1e-6
 
@@ -135,6 +139,7 @@ class Bucket(AdaptiveFactor):
         "on_change",
         "rate",
         "tolerance",
+        "window",
     )
 
     def __init__(
@@ -156,6 +161,7 @@ class Bucket(AdaptiveFactor):
         self.rate = rate
         self.burst = burst
         self.margin = margin
+        self.window = 1.0 + margin / 2  # the window guard's, seconds
         self.factor = 1.0
         self.min_factor = min_factor
         self.on_change = on_change
@@ -201,11 +207,12 @@ class Bucket(AdaptiveFactor):
 
         Pacing alone keeps to that when the time from slot to send is constant; this
         guard also holds when it is not (a wait in the next bucket, a stalled loop).
-        Its window is ``1 + margin`` seconds: the same headroom for arrival jitter
-        that the pace keeps. ``ahead``: callers already held, each of which takes
-        the next send to leave the window before this one.
+        Its window is :attr:`window`, ``1 + margin / 2`` seconds: half the headroom
+        for arrival jitter that the pace keeps, so that paced sends pass. ``ahead``:
+        callers already held, each of which takes the next send to leave the window
+        before this one.
         """
-        return window_delay(self._sent, self.margin, now, ahead)
+        return window_delay(self._sent, self.window, now, ahead)
 
     def record(self, now: float) -> None:
         self._sent.append(now)
@@ -272,12 +279,12 @@ async def acquire(
     return now - start
 
 
-def window_delay(sent: deque[float], margin: float, now: float, ahead: int = 0) -> float:
-    """The window guard of a bucket whose last ``maxlen`` send times are ``sent``."""
+def window_delay(sent: deque[float], window: float, now: float, ahead: int = 0) -> float:
+    """The window guard (``window`` seconds) of a bucket with its last ``maxlen`` sends ``sent``."""
     i = ahead - ((sent.maxlen or 0) - len(sent))  # the send that must leave the window first
     if i < 0:
         return 0.0
-    return sent[min(i, len(sent) - 1)] + 1.0 + margin - now
+    return sent[min(i, len(sent) - 1)] + window - now
 
 
 def restamp(sent: deque[float], recorded: float, at: float) -> None:
@@ -294,7 +301,7 @@ def record_if_clear(buckets: Sequence[Bucket], now: float) -> bool:
     :func:`hold_window` without the wait, for local buckets: most sends find room.
     """
     for b in buckets:
-        if window_delay(b._sent, b.margin, now) > ROUNDING_S:
+        if window_delay(b._sent, b.window, now) > ROUNDING_S:
             return False
     for b in buckets:
         b._sent.append(now)

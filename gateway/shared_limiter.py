@@ -343,7 +343,7 @@ class SharedBucket(AdaptiveFactor):
 
     def window_delay(self, now: float, ahead: int = 0) -> float:
         """This replica's own window guard, as in ``Bucket`` (used when not the last bucket)."""
-        return window_delay(self._sent, self.margin, now, ahead)
+        return window_delay(self._sent, 1.0 + self.margin / 2, now, ahead)
 
     def record(self, now: float) -> None:
         self._sent.append(now)

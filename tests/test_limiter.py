@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 
-from gateway.limiter import Bucket, acquire, hold_window
+import pytest
+
+from gateway.limiter import LATE_S, ROUNDING_S, TICK_S, Bucket, acquire, hold_window
 
 
 class Clock:
@@ -205,11 +209,12 @@ def test_under_uvloop_a_held_send_sleeps_once_and_never_goes_before_its_turn(mon
 
 
 async def test_a_send_exactly_one_window_after_the_one_it_waits_for_is_not_held(monkeypatch):
-    """uvloop's clock counts whole milliseconds: a send often comes exactly 1 + margin after
-    the rate-th send before it, and the float sum may then say 2e-16 s are left."""
-    now = [0.106]
+    """uvloop's clock counts whole milliseconds: a send often comes exactly one window
+    (1 + margin / 2) after the rate-th send before it, and the float sum may then say 2e-16 s
+    are left."""
+    now = [0.116]
     b = Bucket("project", 1, burst=1, margin=0.02, clock=lambda: now[0])
-    b.record(0.106)
+    b.record(0.116)
     now[0] = 1.126
     assert 0 < b.window_delay(now[0]) < 1e-12  # rounding, not time left
     slept: list[float] = []
@@ -224,3 +229,22 @@ async def test_a_send_exactly_one_window_after_the_one_it_waits_for_is_not_held(
     assert slept == []
     now[0] = 1.125  # a millisecond early is held
     assert b.window_delay(now[0]) > 0.0009
+
+
+def test_a_steady_drain_at_the_cap_is_not_held_by_the_window_guard():
+    """Paced sends wake on the TICK_S grid, LATE_S and some loop latency after their slot:
+    the guard lets them all through once the start's burst has left the window (a hold is
+    one more timer and wake-up of the event loop for the send)."""
+    now = [0.0]
+    b = Bucket("project", 800, burst=8, margin=0.02, clock=lambda: now[0])
+    rng = random.Random(7)
+    slots = [b.reserve() for _ in range(8000)]  # a backlog: the lanes queue for their slots
+    woken = sorted(math.ceil(at / TICK_S) * TICK_S + LATE_S + rng.uniform(0, 0.002) for at in slots)
+    held = []
+    for k, at in enumerate(woken):
+        if k >= 1600 and b.window_delay(at) > ROUNDING_S:
+            held.append(k)
+        b.record(at)
+    assert held == [], f"{len(held)} of 6400 held"
+    # paced at the cap less the margin: the 8,000 slots take 10.2 s
+    assert slots[-1] == pytest.approx(7992 / (800 * 0.98))
