@@ -258,9 +258,7 @@ async def acquire(
             at = bucket.reserve(ahead if bucket is last else 0.0)
             delay = at - clock()
             if delay > 0:
-                # wake on a TICK_S grid, never before the slot: sends due within the same
-                # few milliseconds share one wake-up of the event loop instead of one each
-                await asyncio.sleep(math.ceil(at / TICK_S) * TICK_S - clock() + LATE_S)
+                await asyncio.sleep(tick_delay(at, clock()))
         elif bucket is not final:
             await bucket.take()
     if not guard and final is None:
@@ -277,6 +275,15 @@ async def acquire(
                 bucket.restamp(now, sent)
         now = sent
     return now - start
+
+
+def tick_delay(at: float, now: float) -> float:
+    """Seconds from ``now`` to a wake-up on the TICK_S grid, LATE_S past ``at`` or later.
+
+    Sends due within the same few milliseconds share one wake-up of the event loop
+    instead of one each: the pacing's sleeps and the window guard's holds alike.
+    """
+    return math.ceil(at / TICK_S) * TICK_S - now + LATE_S
 
 
 def window_delay(sent: deque[float], window: float, now: float, ahead: int = 0) -> float:
@@ -327,7 +334,7 @@ async def hold_window(buckets: Sequence[Bucket | SlotSource], clock: Clock) -> f
         for b in full:
             b.held += 1
         try:
-            await asyncio.sleep(delay + LATE_S)
+            await asyncio.sleep(tick_delay(now + delay, now))
         finally:
             for b in full:
                 b.held -= 1

@@ -248,3 +248,22 @@ def test_a_steady_drain_at_the_cap_is_not_held_by_the_window_guard():
     assert held == [], f"{len(held)} of 6400 held"
     # paced at the cap less the margin: the 8,000 slots take 10.2 s
     assert slots[-1] == pytest.approx(7992 / (800 * 0.98))
+
+
+async def test_a_held_send_wakes_on_the_tick_grid(monkeypatch):
+    """A hold ends with the pacing's wake-ups (LATE_S past a TICK_S step), not in a loop
+    iteration of its own, and never before the window has room."""
+    now = [0.5]
+    b = Bucket("project", 1, burst=1, margin=0.02, clock=lambda: now[0])
+    b.record(0.1003)  # the window has room again at 1.1103
+
+    async def fake_sleep(delay: float, result: object = None) -> object:
+        now[0] += delay
+        return result
+
+    monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+    sent = await hold_window([b], lambda: now[0])
+    assert sent >= 1.1103 + LATE_S
+    steps = (sent - LATE_S) / TICK_S
+    assert steps == pytest.approx(round(steps)), sent
+    assert sent - LATE_S - 1.1103 < TICK_S
