@@ -17,9 +17,9 @@ guard holds a send until the ``rate``-th send before it is ``1 + margin / 2``
 seconds old, measured at the moment of sending. The guard is what catches up
 bursts, stalls of the event loop and waits in other buckets; the half of the
 margin it keeps is the arrival jitter any ``rate`` sends in a row may have. Paced
-sends leave its window with ``margin / 2`` to spare, more than the wake-up grid
-(``TICK_S``) moves them, so in a steady drain it holds none: a hold is one more
-timer and wake-up of the event loop for the send.
+sends leave its window with ``margin / 2`` seconds to spare (10 ms at the default
+2 %), more than the wake-up grid (``TICK_S``) moves them, so in a steady drain it
+holds none: a hold is one more timer and wake-up of the event loop for the send.
 
 A request takes a slot from its app bucket first (waiting its turn there), then
 from the channel bucket where one is configured, and last from the project
@@ -161,7 +161,7 @@ class Bucket(AdaptiveFactor):
         self.rate = rate
         self.burst = burst
         self.margin = margin
-        self.window = 1.0 + margin / 2  # the window guard's, seconds
+        self.window = guard_window(margin)
         self.factor = 1.0
         self.min_factor = min_factor
         self.on_change = on_change
@@ -275,6 +275,11 @@ async def acquire(
                 bucket.restamp(now, sent)
         now = sent
     return now - start
+
+
+def guard_window(margin: float) -> float:
+    """The window guard's window, seconds: a second and half the margin."""
+    return 1.0 + margin / 2
 
 
 def tick_delay(at: float, now: float) -> float:

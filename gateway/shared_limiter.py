@@ -58,7 +58,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.aio import cancel_and_wait, wait_within
-from gateway.limiter import LATE_S, AdaptiveFactor, restamp, window_delay
+from gateway.limiter import LATE_S, AdaptiveFactor, guard_window, restamp, window_delay
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ class SharedBucket(AdaptiveFactor):
 
     def window_delay(self, now: float, ahead: int = 0) -> float:
         """This replica's own window guard, as in ``Bucket`` (used when not the last bucket)."""
-        return window_delay(self._sent, 1.0 + self.margin / 2, now, ahead)
+        return window_delay(self._sent, guard_window(self.margin), now, ahead)
 
     def record(self, now: float) -> None:
         self._sent.append(now)
