@@ -353,7 +353,8 @@ def print_cpu(mix: Mix, gw: dict[str, Any], before: dict[str, Any], after: dict[
         f"  CPU ({after['loop']}): gateway {gw['cpu_us']:.0f} us per message; a bare aiohttp "
         f"client, {len(mix.counts)} lanes paced to {after['rate']:.0f}/s, {floor:.0f} us per "
         f"request (before the drain {before['cpu_us_per_request']:.0f}, after it "
-        f"{after['cpu_us_per_request']:.0f}); ratio {cpu_ratio(gw, before, after):.2f}"
+        f"{after['cpu_us_per_request']:.0f}); ratio {cpu_ratio(gw, before, after):.2f}; "
+        f"efficiency {gw['efficiency']:.3f}, {gw['429']} 429s"
     )
 
 
