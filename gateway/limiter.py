@@ -256,9 +256,9 @@ async def acquire(
     for bucket in buckets:
         if isinstance(bucket, Bucket):
             at = bucket.reserve(ahead if bucket is last else 0.0)
-            delay = at - clock()
-            if delay > 0:
-                await asyncio.sleep(tick_delay(at, clock()))
+            now = clock()
+            if at > now:
+                await asyncio.sleep(tick_delay(at, now))
         elif bucket is not final:
             await bucket.take()
     if not guard and final is None:

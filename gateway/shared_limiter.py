@@ -126,6 +126,7 @@ class SharedBucket(AdaptiveFactor):
         self.key = limiter.key_prefix + (key or name)
         self.rate = rate
         self.margin = margin
+        self.window = guard_window(margin)  # this replica's own window guard, seconds
         self.grace_s = grace_s
         self.factor = 1.0
         self.min_factor = min_factor
@@ -343,7 +344,7 @@ class SharedBucket(AdaptiveFactor):
 
     def window_delay(self, now: float, ahead: int = 0) -> float:
         """This replica's own window guard, as in ``Bucket`` (used when not the last bucket)."""
-        return window_delay(self._sent, guard_window(self.margin), now, ahead)
+        return window_delay(self._sent, self.window, now, ahead)
 
     def record(self, now: float) -> None:
         self._sent.append(now)
